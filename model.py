@@ -1,0 +1,356 @@
+"""A Llama-family transformer with TEAL activation sparsity built in.
+
+Every projection (q, k, v, o, gate, up, down) reads a threshold buffer: at decode, input entries
+with |x| <= t (compared in fp32) are zeroed, so the sparse kernel never reads their weight rows.
+A threshold of 0 is dense. Prefill (more than one token per sequence) is dense unless asked.
+"""
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparse_kernels import PackedWeight, sparse_linear
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_head: int = 32
+    intermediate_size: int = 11008
+    vocab_size: int = 32000
+    block_size: int = 4096  # longest sequence the RoPE table and the cache may hold
+    head_dim: int = 0  # 0: dim // n_head
+    rope_base: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # Llama-3.1: factor, low/high_freq_factor, original_max_position_embeddings
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.dim // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+
+    @classmethod
+    def from_name(cls, name):
+        if name not in transformer_configs:
+            raise ValueError(f"unknown model config {name!r}; known: {', '.join(transformer_configs)}")
+        return cls(**transformer_configs[name])
+
+
+LLAMA31_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+transformer_configs = {
+    "llama-2-7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=32, intermediate_size=11008, vocab_size=32000, block_size=4096),
+    "llama-2-13b": dict(dim=5120, n_layer=40, n_head=40, n_kv_head=40, intermediate_size=13824, vocab_size=32000, block_size=4096),
+    "llama-2-70b": dict(dim=8192, n_layer=80, n_head=64, n_kv_head=8, intermediate_size=28672, vocab_size=32000, block_size=4096),
+    "llama-3-8b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336, vocab_size=128256, block_size=8192, rope_base=500000.0),
+    "llama-3-70b": dict(dim=8192, n_layer=80, n_head=64, n_kv_head=8, intermediate_size=28672, vocab_size=128256, block_size=8192, rope_base=500000.0),
+    "llama-3.1-8b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336, vocab_size=128256, block_size=131072, rope_base=500000.0, rope_scaling=LLAMA31_ROPE),
+    "llama-3.1-70b": dict(dim=8192, n_layer=80, n_head=64, n_kv_head=8, intermediate_size=28672, vocab_size=128256, block_size=131072, rope_base=500000.0, rope_scaling=LLAMA31_ROPE),
+    # Mistral-7B-v0.1 uses a 4096-token sliding window; capping the sequence at 4096 makes full attention exact.
+    "mistral-7b": dict(dim=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336, vocab_size=32000, block_size=4096),
+    "smollm2-135m": dict(dim=576, n_layer=30, n_head=9, n_kv_head=3, intermediate_size=1536, vocab_size=49152, block_size=8192, rope_base=100000.0, tie_embeddings=True),
+    "tiny": dict(dim=64, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=96, vocab_size=256, block_size=128),
+    "tiny-tied": dict(dim=48, n_layer=2, n_head=3, n_kv_head=1, intermediate_size=80, vocab_size=300, block_size=128, rope_base=100000.0, tie_embeddings=True),
+    "tiny-llama31": dict(dim=64, n_layer=2, n_head=4, n_kv_head=1, intermediate_size=128, vocab_size=256, block_size=256, rope_base=500000.0, rope_scaling=dict(LLAMA31_ROPE, original_max_position_embeddings=64)),
+}
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch_size, max_seq_length, n_kv_head, head_dim, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_seq_length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        # input_pos: (T,), k, v: (B, n_kv_head, T, head_dim)
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+class Projection(nn.Module):
+    """A linear layer whose input is thresholded when `sparse`: one threshold per output segment.
+
+    q, k and v share one input but each has its own threshold, so they are one weight with three
+    segments (gate and up likewise with two): one kernel launch reads the union of active rows.
+    """
+
+    def __init__(self, in_features, splits, fmt="bf16", device=None):
+        super().__init__()
+        self.weight = PackedWeight(sum(splits), in_features, fmt, splits, device=device)
+        # Not in the state dict: thresholds come from a thresholds file, tied to the checkpoint.
+        self.register_buffer("thresholds", torch.zeros(len(splits), device=device), persistent=False)
+        # Sparsity counters, touched only while record is on, so decode pays nothing otherwise.
+        self.record = False
+        self.register_buffer("kept", torch.zeros(len(splits), device=device), persistent=False)
+        self.register_buffer("seen", torch.zeros((), device=device), persistent=False)
+
+    def forward(self, x, sparse):
+        if not sparse:
+            return self.weight(x)
+        if self.record:
+            x32 = x.float().abs().reshape(-1, x.shape[-1], 1)
+            self.kept += (x32 > self.thresholds).sum(dim=(0, 1))
+            self.seen += x32.shape[0] * x32.shape[1]
+        return sparse_linear(x, self.weight, self.thresholds)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, fmt, device=None):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        q_out, kv_out = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+        self.splits = (q_out, kv_out, kv_out)
+        self.qkv = Projection(config.dim, self.splits, fmt, device)
+        self.o = Projection(q_out, (config.dim,), fmt, device)
+        self.kv_cache = None
+
+    def forward(self, x, rope, input_pos, sparse):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x, sparse).split(self.splits, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            k, v = self.kv_cache.update(input_pos, k, v)
+            # Query at position p sees cache slots 0..p; slots beyond are stale or empty.
+            mask = input_pos[:, None] >= torch.arange(k.shape[2], device=x.device)  # (T, max_seq_length)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o(y, sparse)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config, fmt, device=None):
+        super().__init__()
+        self.hidden = config.intermediate_size
+        self.gate_up = Projection(config.dim, (self.hidden, self.hidden), fmt, device)
+        self.down = Projection(self.hidden, (config.dim,), fmt, device)
+
+    def forward(self, x, sparse):
+        gate, up = self.gate_up(x, sparse).split(self.hidden, dim=-1)
+        return self.down(F.silu(gate) * up, sparse)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class Block(nn.Module):
+    def __init__(self, config, fmt, dtype, device=None):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps, dtype, device)
+        self.attention = Attention(config, fmt, device)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, dtype, device)
+        self.feed_forward = FeedForward(config, fmt, device)
+
+    def projections(self):
+        """The block's Projection modules and which of the seven thresholds each holds."""
+        return [(self.attention.qkv, slice(0, 3)), (self.attention.o, slice(3, 4)),
+                (self.feed_forward.gate_up, slice(4, 6)), (self.feed_forward.down, slice(6, 7))]
+
+    def forward(self, x, rope, input_pos, sparse):
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, sparse)
+        return h + self.feed_forward(self.ffn_norm(h), sparse)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config, dtype=torch.float32, fmt=None, device=None):
+        """Built directly in its dtype: thresholds stay fp32, so never call .to(dtype) on it."""
+        super().__init__()
+        self.config = config
+        fmt = fmt or {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(Block(config, fmt, dtype, device) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps, dtype, device)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False, dtype=dtype, device=device)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_table(config)
+        self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype), persistent=False)
+
+    def setup_caches(self, batch_size, max_seq_length):
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"a cache of {max_seq_length} tokens exceeds the model's {self.config.block_size}")
+        dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, max_seq_length, self.config.n_kv_head, self.config.head_dim, dtype, device)
+
+    def forward(self, idx, input_pos=None, sparse=None):
+        """idx: (B, T) token ids; input_pos: (T,) cache slots, or None for a cache-free causal pass.
+
+        sparse: threshold the projections' inputs; by default only when decoding one token.
+        """
+        B, T = idx.shape
+        sparse = T == 1 if sparse is None else sparse
+        positions = torch.arange(T, device=idx.device) if input_pos is None else input_pos
+        rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, head_dim) each
+        x = self.tok_embeddings(idx)  # (B, T, dim)
+        for layer in self.layers:
+            x = layer(x, rope, input_pos, sparse)
+        return self.output(self.norm(x))  # (B, T, vocab_size)
+
+    def projections(self):
+        return [p for layer in self.layers for p, _ in layer.projections()]
+
+    def set_thresholds(self, thresholds):
+        """thresholds: [n_layer, 7] in PROJECTIONS order; 0 is dense."""
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+        if thresholds.shape != (self.config.n_layer, len(PROJECTIONS)):
+            raise ValueError(f"thresholds of shape {tuple(thresholds.shape)}, expected ({self.config.n_layer}, {len(PROJECTIONS)})")
+        for layer, row in zip(self.layers, thresholds):
+            for proj, cols in layer.projections():
+                proj.thresholds.copy_(row[cols])
+
+    def get_thresholds(self):
+        return torch.stack([torch.cat([p.thresholds.cpu() for p, _ in layer.projections()]) for layer in self.layers])
+
+    def record_sparsity(self, enabled=True):
+        """Start (and zero) or stop counting the inputs each projection's threshold zeroes."""
+        for p in self.projections():
+            p.record = enabled
+            p.kept.zero_()
+            p.seen.zero_()
+
+    def measured_sparsity(self):
+        """[n_layer, 7]: fraction of each projection's inputs zeroed since record_sparsity()."""
+        rows = [torch.cat([1 - p.kept.cpu() / p.seen.cpu().clamp(min=1) for p, _ in layer.projections()]) for layer in self.layers]
+        return torch.stack(rows)
+
+    def projection_sizes(self):
+        """[7]: weights per layer of each projection, to weight sparsities by bytes skipped."""
+        c = self.config
+        q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        return torch.tensor([q * c.dim, kv * c.dim, kv * c.dim, c.dim * q, c.intermediate_size * c.dim, c.intermediate_size * c.dim, c.dim * c.intermediate_size], dtype=torch.float64)
+
+
+def rope_frequencies(config):
+    inv_freq = 1.0 / config.rope_base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
+    s = config.rope_scaling
+    if not s:
+        return inv_freq
+    # Llama-3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    ramp = ((old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])).clamp(0, 1)
+    return (1 - ramp) * inv_freq / s["factor"] + ramp * inv_freq
+
+
+def rope_table(config):
+    """cos, sin: (block_size, head_dim), for the half-rotation layout (Hugging Face's)."""
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float64), rope_frequencies(config))
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, rope):
+    # x: (B, heads, T, head_dim); the first half of head_dim rotates against the second half.
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# Checkpoints: one safetensors file holding the model's own state dict; its metadata carries the
+# config (so the file describes itself) and a fingerprint of the weights (so thresholds made for
+# another model are refused).
+CHECKPOINT_FORMAT = "teal-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def fingerprint(state_dict):
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path, model, name, extra=None):
+    """Write the model's state dict and config to path, atomically (a partial file never lands)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("output.weight")
+    meta = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "name": name,
+            "config": json.dumps(asdict(model.config)), "fingerprint": fingerprint(state), **(extra or {})}
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return meta
+
+
+def read_checkpoint_metadata(path):
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file (convert it with scripts/convert_hf_checkpoint.py or scripts/convert_gguf.py)")
+    if int(meta.get("version", 0)) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {meta['version']}; this code reads up to {CHECKPOINT_VERSION}")
+    return meta
+
+
+def load_checkpoint(path, device="cpu", dtype=torch.float32):
+    """-> (Transformer on device in dtype, metadata dict)."""
+    from safetensors.torch import load_file
+
+    meta = read_checkpoint_metadata(path)
+    config = ModelArgs(**json.loads(meta["config"]))
+    try:
+        state = load_file(path, device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
+    with torch.device("meta"):
+        model = Transformer(config, dtype=dtype)
+    model = model.to_empty(device=device)
+    cos, sin = rope_table(config)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_embeddings and k == "output.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for p in model.projections():
+        p.thresholds.zero_()
+    model.record_sparsity(False)
+    return model.eval(), meta
