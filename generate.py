@@ -1,0 +1,244 @@
+"""Generate text with TEAL activation sparsity: `python generate.py --sparsity 0.5 --prompt "..."`."""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import thresholds
+from model import PROJECTIONS, CheckpointError, load_checkpoint
+from tokenizer import TokenizerError, load_tokenizer
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class UsageError(Exception):
+    pass
+
+
+def multinomial_sample_one_no_sync(probs):
+    # Exponential race instead of torch.multinomial: sampling without a CUDA synchronization.
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(torch.int)
+
+
+def sample(logits, temperature, top_k):
+    logits = logits[:, -1]  # (B, vocab)
+    if temperature <= 0:
+        return torch.argmax(logits, dim=-1, keepdim=True).to(torch.int)
+    logits = logits.float() / temperature
+    if top_k:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = torch.where(logits < v[:, -1:], -float("inf"), logits)
+    return multinomial_sample_one_no_sync(torch.softmax(logits, dim=-1))
+
+
+def prefill(model, x, input_pos, temperature, top_k):
+    # x: (B, T) prompt; dense unless the model is asked otherwise.
+    return sample(model(x, input_pos, sparse=False), temperature, top_k)
+
+
+def decode_one_token(model, x, input_pos, sparse, temperature, top_k):
+    # x: (B, 1); the unit torch.compile captures as one CUDA graph.
+    return sample(model(x, input_pos, sparse=sparse), temperature, top_k)
+
+
+def decode_n_tokens(decode, model, cur_token, input_pos, n, sparse, temperature, top_k, stop_ids=(), callback=None):
+    tokens = []
+    for _ in range(n):
+        next_token = decode(model, cur_token, input_pos, sparse, temperature, top_k).clone()
+        input_pos += 1
+        tokens.append(next_token)
+        cur_token = next_token
+        if callback is not None and callback(next_token):
+            break
+    return tokens
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, decode=decode_one_token, sparse=True, temperature=0.0, top_k=None, callback=None):
+    """prompt: (T,) token ids -> (T + new,) ids; the cache must hold T + max_new_tokens."""
+    T = prompt.numel()
+    device = prompt.device
+    input_pos = torch.arange(T, device=device)
+    first = prefill(model, prompt.view(1, -1), input_pos, temperature, top_k)
+    if callback is not None and callback(first):
+        return torch.cat([prompt, first.view(-1)])
+    input_pos = torch.tensor([T], device=device)
+    tokens = decode_n_tokens(decode, model, first, input_pos, max_new_tokens - 1, sparse, temperature, top_k, callback=callback)
+    return torch.cat([prompt, first.view(-1), *[t.view(-1) for t in tokens]])
+
+
+def default_checkpoint():
+    """The bundled SmolLM2-135M-Instruct, converted from its GGUF once into a cache directory."""
+    cache = Path(os.environ.get("TEAL_CACHE", Path.home() / ".cache" / "teal")) / DEFAULT_MODEL
+    if not (cache / "model.safetensors").is_file():
+        print(f"Converting the bundled {DEFAULT_MODEL} into {cache} (once)", file=sys.stderr)
+        done = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_gguf.py"), "--out", str(cache)])
+        if done.returncode != 0:
+            raise UsageError("could not convert the bundled model (see the line above)")
+    return cache
+
+
+def checkpoint_file(path):
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
+def resolve_device(name):
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but no CUDA GPU is available")
+    return name
+
+
+def load_thresholds(model, meta, ckpt_dir, path, sparsity, method):
+    """Fill the model's threshold buffers for a model-wide sparsity; returns the file used."""
+    if sparsity == 0:
+        return None
+    path = path or thresholds.find_thresholds(ckpt_dir, meta["fingerprint"])
+    if path is None:
+        raise UsageError(f"no thresholds file for {meta.get('name', ckpt_dir)} (make one with scripts/calibrate.py, or pass --thresholds)")
+    table = thresholds.load(path, fingerprint=meta["fingerprint"])
+    model.set_thresholds(table.at(sparsity, method=method))
+    return path
+
+
+def bytes_per_token(model, sparsity):
+    """Bytes a decode step reads: each projection's weight times its kept fraction, plus the rest."""
+    total = model.output.weight.numel() * model.output.weight.element_size()
+    for layer, row in zip(model.layers, sparsity):
+        for proj, cols in layer.projections():
+            data = proj.weight.data
+            share = torch.tensor(proj.weight.splits, dtype=torch.float64) / proj.weight.out_features
+            kept = float(((1 - row[cols].double()) * share).sum())
+            total += data.numel() * data.element_size() * kept
+    return total
+
+
+def weighted_sparsity(model, sparsity):
+    """Model-wide sparsity: each projection's measured sparsity weighted by its weight count."""
+    sizes = model.projection_sizes()
+    return float((sparsity.double().mean(0) * sizes).sum() / sizes.sum())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--checkpoint", help=f"checkpoint dir or model.safetensors (default: the bundled {DEFAULT_MODEL})")
+    p.add_argument("--prompt", default="The three most useful things to know about the Python language are")
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the checkpoint's chat template")
+    p.add_argument("--interactive", action="store_true", help="chat from the terminal (uses the chat template)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--sparsity", type=float, default=0.0, help="model-wide activation sparsity target in [0, 1)")
+    p.add_argument("--thresholds", help="thresholds file (default: the one that goes with the checkpoint)")
+    p.add_argument("--method", choices=("greedy", "uniform"), default="greedy", help="per-projection sparsities (greedy, when the file has them) or one for all")
+    p.add_argument("--dense", action="store_true", help="decode with plain matmuls (the baseline)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step into a CUDA graph")
+    p.add_argument("--seed", type=int, default=1234)
+    args = p.parse_args(argv)
+    if not 0 <= args.sparsity < 1:
+        raise UsageError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise UsageError("--max-new-tokens and --num-samples must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    torch.manual_seed(args.seed)
+
+    ckpt = checkpoint_file(args.checkpoint) if args.checkpoint else default_checkpoint() / "model.safetensors"
+    t0 = time.perf_counter()
+    model, meta = load_checkpoint(ckpt, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(ckpt.parent)
+    used = load_thresholds(model, meta, ckpt.parent, args.thresholds, args.sparsity, args.method)
+    print(f"Loaded {meta.get('name', ckpt)} in {time.perf_counter() - t0:.1f} s"
+          + (f"; thresholds for sparsity {args.sparsity} ({args.method}) from {used}" if used else "; dense"), file=sys.stderr)
+
+    decode = decode_one_token
+    if args.compile:
+        decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    sparse = not args.dense and args.sparsity > 0
+
+    prompts = iter(lambda: input("\nYou: "), None) if args.interactive else [args.prompt] * args.num_samples
+    history, cache_len = [], 0
+    for i, text in enumerate(prompts):
+        if args.interactive or args.chat:
+            history.append({"role": "user", "content": text})
+            text = tokenizer.render_chat(history if args.interactive else history[-1:])
+        ids = tokenizer.encode(text, bos=tokenizer.add_bos)
+        max_seq = len(ids) + args.max_new_tokens
+        if max_seq > model.config.block_size:
+            raise UsageError(f"prompt of {len(ids)} tokens plus {args.max_new_tokens} new tokens exceeds the model's {model.config.block_size}-token cache")
+        if max_seq > cache_len:
+            # Chat turns grow: reserve room up front so a compiled step keeps its cache buffers.
+            cache_len = min(model.config.block_size, max(max_seq, 4096 if args.interactive else 0))
+            model.setup_caches(1, cache_len)
+        prompt = torch.tensor(ids, dtype=torch.int, device=device)
+        streamed = Streamer(tokenizer)
+        model.record_sparsity(sparse)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = generate(model, prompt, args.max_new_tokens, decode, sparse, args.temperature, args.top_k, callback=streamed)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        reply = streamed.finish()
+        if args.interactive:
+            history.append({"role": "assistant", "content": reply})
+        n_new = out.numel() - len(ids)
+        measured = model.measured_sparsity() if sparse else torch.zeros(model.config.n_layer, len(PROJECTIONS))
+        model.record_sparsity(False)
+        per_proj = " ".join(f"{name} {s:.2f}" for name, s in zip(PROJECTIONS, measured.mean(0).tolist()))
+        print(f"\n[sample {i + 1}] {n_new} tokens in {elapsed:.2f} s: {n_new / elapsed:.1f} tok/s; "
+              f"measured sparsity {weighted_sparsity(model, measured):.3f} ({per_proj}); "
+              f"{bytes_per_token(model, measured) * n_new / elapsed / 1e9:.1f} GB/s", file=sys.stderr)
+
+
+class Streamer:
+    """Prints text as tokens arrive; decodes the whole reply each time so multi-byte characters print whole."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, token):
+        token = int(token.view(-1)[0])
+        if token in self.tokenizer.eos_ids:
+            return True
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[len(self.printed):], end="", flush=True)
+            self.printed = text
+        return False
+
+    def finish(self):
+        text = self.tokenizer.decode(self.ids)
+        print(text[len(self.printed):], flush=True)
+        return text
+
+
+def cli():
+    try:
+        main()
+    except (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (KeyboardInterrupt, EOFError):
+        print(file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    cli()

