@@ -116,7 +116,7 @@ class Attention(nn.Module):
         self.o = Projection(q_out, (config.dim,), fmt, device)
         self.kv_cache = None
 
-    def forward(self, x, rope, input_pos, sparse):
+    def forward(self, x, rope, input_pos, mask, sparse):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, sparse).split(self.splits, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
@@ -127,8 +127,6 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
-            # Query at position p sees cache slots 0..p; slots beyond are stale or empty.
-            mask = input_pos[:, None] >= torch.arange(k.shape[2], device=x.device)  # (T, max_seq_length)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o(y, sparse)
@@ -170,8 +168,8 @@ class Block(nn.Module):
         return [(self.attention.qkv, slice(0, 3)), (self.attention.o, slice(3, 4)),
                 (self.feed_forward.gate_up, slice(4, 6)), (self.feed_forward.down, slice(6, 7))]
 
-    def forward(self, x, rope, input_pos, sparse):
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, sparse)
+    def forward(self, x, rope, input_pos, mask, sparse):
+        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, sparse)
         return h + self.feed_forward(self.ffn_norm(h), sparse)
 
 
@@ -207,9 +205,14 @@ class Transformer(nn.Module):
         sparse = T == 1 if sparse is None else sparse
         positions = torch.arange(T, device=idx.device) if input_pos is None else input_pos
         rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, head_dim) each
+        mask = None
+        if input_pos is not None:
+            # Query at position p sees cache slots 0..p; slots beyond are stale or empty.
+            cache_len = self.layers[0].attention.kv_cache.k.shape[2]
+            mask = input_pos[:, None] >= torch.arange(cache_len, device=idx.device)  # (T, cache_len)
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, rope, input_pos, sparse)
+            x = layer(x, rope, input_pos, mask, sparse)
         return self.output(self.norm(x))  # (B, T, vocab_size)
 
     def projections(self):
