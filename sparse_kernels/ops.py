@@ -1,12 +1,53 @@
-"""sparse_linear as a torch custom op, so torch.compile keeps it whole and CUDA graphs capture it."""
+"""sparse_linear as a torch custom op, so torch.compile keeps it whole and CUDA graphs capture it.
+
+Dispatch, per call:
+- CUDA tensors, and CPU tensors when TRITON_INTERPRET=1 (how CI runs the kernel), with at most
+  MAX_ROWS rows of x: the Triton kernel (sparse_kernels/gemv.py), which reads the union of the
+  rows' active channels;
+- more rows (prefill, large batches): a dense matmul on the masked input, one per segment. The
+  union of 17+ rows' active channels is nearly every channel, so skipping rows buys little there,
+  while tensor cores turn the product from bandwidth- into compute-bound;
+- plain CPU: the torch reference.
+"""
+import os
+
 import torch
 
 from sparse_kernels.reference import segment_thresholds, sparse_linear_reference
 
+MAX_KERNEL_ROWS = 16
+
+
+def triton_interpret():
+    """TRITON_INTERPRET=1 routes CPU tensors through the Triton interpreter. Read per call; the
+    kernel module is imported at the first Triton call, so set it before that (tests do)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _masked_matmul(x, data, thresholds, splits):
+    absx = x.float().abs()
+    parts, start = [], 0
+    for i, width in enumerate(splits):
+        xs = torch.where(absx > thresholds[i], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        parts.append(xs @ data[:, start:start + width])
+        start += width
+    return torch.cat(parts, dim=-1)
+
 
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
 def sparse_linear_op(x: torch.Tensor, data: torch.Tensor, thresholds: torch.Tensor, splits: list[int]) -> torch.Tensor:
-    return sparse_linear_reference(x, data.t(), thresholds, splits)
+    x2 = x.reshape(-1, x.shape[-1])  # [M, in]
+    if x2.shape[0] == 0:
+        y = x2.new_empty(0, data.shape[1])
+    elif x2.shape[0] > MAX_KERNEL_ROWS:
+        y = _masked_matmul(x2, data, thresholds, splits)
+    elif x.is_cuda or triton_interpret():
+        from sparse_kernels.gemv import sparse_gemv
+
+        y = sparse_gemv(x2.contiguous(), data, thresholds, splits)
+    else:
+        y = sparse_linear_reference(x2, data.t(), thresholds, splits)
+    return y.reshape(*x.shape[:-1], data.shape[1])
 
 
 @sparse_linear_op.register_fake
@@ -17,9 +58,20 @@ def _(x, data, thresholds, splits):
 def sparse_linear(x, pw, thresholds):
     """y = (x * (|x| > t)) @ W.T with W = pw.dequantize(), one threshold per segment of pw.
 
-    x: [..., in] in the weight's dtype; thresholds: float, 0-d tensor or [len(pw.splits)] tensor.
+    x: [..., in] in the weight's dtype; thresholds: float, 0-d tensor or [len(pw.splits)] tensor
+    (pass tensors under torch.compile: a float is baked into the graph). y: [..., out] in x's dtype.
     """
     if x.shape[-1] != pw.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {pw.in_features}")
     t = segment_thresholds(thresholds, pw.splits, x.device)
     return sparse_linear_op(x, pw.data, t, list(pw.splits))
+
+
+def warm_up(pw, device=None, max_rows=MAX_KERNEL_ROWS):
+    """Compile the kernel variants and size the shared workspace for pw, for 1 and up to max_rows
+    rows of x. Call before CUDA-graph capture; torch.compile's reduce-overhead mode runs the step
+    eagerly before it records, which does the same for the shapes that step uses."""
+    device = device or pw.data.device
+    t = torch.zeros(len(pw.splits), device=device)
+    for rows in sorted({1, min(2, max_rows), max_rows}):
+        sparse_linear(torch.randn(rows, pw.in_features, device=device, dtype=pw.data.dtype), pw, t)

@@ -1,0 +1,266 @@
+"""The Triton sparse GEMV: y = (x * (|x| > t_s)) @ W_s for each output segment s of a weight
+stored [in, out] row-major, so a skipped input channel is one skipped contiguous row.
+
+Work decomposition: a 2-D grid over (output blocks, split-K row ranges). Program (n, k) walks its
+row range BLOCK_K rows at a time, loads only the weight rows whose input is active (masked loads
+of inactive rows issue no memory traffic) and writes an fp32 partial of its output block. The last
+of the split_k programs of a block to finish sums the partials in split order (deterministic) and
+writes y in x's dtype: one launch per call, no second pass over memory, no atomics on y.
+
+Imported only when a call runs on Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
+so that TRITON_INTERPRET is read at first use rather than at `import sparse_kernels`.
+"""
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SEGMENTS = 3  # q, k, v
+MAX_ROWS = 16  # rows of x one launch handles; ops.py sends more to a masked dense matmul
+
+
+@triton.jit
+def _block_columns(pid_n, N, split1, split2, BLOCK_N: tl.constexpr):
+    """Output block pid_n -> (segment, first column, end column).
+
+    Segment s spans columns [c_s, c_s+1) with c = (0, split1, split2, N) and owns
+    cdiv(c_s+1 - c_s, BLOCK_N) blocks, numbered after those of segment s - 1: no block straddles
+    two segments, so each program reads one threshold. Missing segments have zero width.
+    """
+    nb0 = tl.cdiv(split1, BLOCK_N)
+    nb01 = nb0 + tl.cdiv(split2 - split1, BLOCK_N)
+    seg = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb01).to(tl.int32)
+    start = tl.where(seg == 0, pid_n * BLOCK_N,
+                     tl.where(seg == 1, split1 + (pid_n - nb0) * BLOCK_N, split2 + (pid_n - nb01) * BLOCK_N))
+    end = tl.where(seg == 0, split1, tl.where(seg == 1, split2, N))
+    return seg, start, end
+
+
+@triton.jit
+def _sparse_gemv_kernel(
+    x_ptr, w_ptr, t_ptr, y_ptr, partial_ptr, count_ptr,
+    M, K, N, split1, split2, rows_per_split,
+    stride_xm, stride_ym, stride_t,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
+    pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
+    on the union of the rows' active channels)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n_blocks = tl.num_programs(0)
+    split_k = tl.num_programs(1)
+    seg, col_start, col_end = _block_columns(pid_n, N, split1, split2, BLOCK_N)
+    t = tl.load(t_ptr + seg * stride_t)
+    cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    col_ok = cols < col_end
+    ms = tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    row_start = pid_k * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, K)
+
+    if BLOCK_M == 1:
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        rows = row_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        x = tl.load(x_ptr + rows, mask=rows < row_end, other=0.0).to(tl.float32)
+        for k in range(row_start, row_end, BLOCK_K):
+            rows = k + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+            active = (tl.abs(x) > t) & (rows < row_end)
+            if EVEN_N:
+                # No column mask: a mask constant along a row keeps the loads 16 bytes wide.
+                w_mask = active[:, None]
+            else:
+                w_mask = active[:, None] & col_ok[None, :]
+            w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+            # The next rows' x is fetched while this tile's weights are in flight.
+            next_rows = rows + BLOCK_K
+            x_next = tl.load(x_ptr + next_rows, mask=next_rows < row_end, other=0.0).to(tl.float32)
+            # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
+            acc += tl.where(active, x, 0.0)[:, None] * w.to(tl.float32)
+            x = x_next
+        part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(row_start, row_end, BLOCK_K):
+            rows = k + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+            x_ok = (ms < M)[:, None] & (rows < row_end)[None, :]  # [BLOCK_M, BLOCK_K]
+            x = tl.load(x_ptr + ms[:, None] * stride_xm + rows[None, :], mask=x_ok, other=0.0)
+            active = (tl.abs(x.to(tl.float32)) > t) & x_ok
+            any_active = tl.max(active.to(tl.int32), axis=0) > 0  # [BLOCK_K]: union over x's rows
+            if EVEN_N:
+                w_mask = any_active[:, None]
+            else:
+                w_mask = any_active[:, None] & col_ok[None, :]
+            w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+            xm = tl.where(active, x, 0.0)
+            if DOT_FP32:
+                acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")  # not tf32
+            else:
+                acc = tl.dot(xm.to(w.dtype), w, acc)
+        part = acc  # [BLOCK_M, BLOCK_N]
+
+    out_offs = ms[:, None] * stride_ym + cols[None, :]  # [BLOCK_M, BLOCK_N]
+    out_ok = (ms < M)[:, None] & col_ok[None, :]
+    if split_k == 1:
+        tl.store(y_ptr + out_offs, part.to(y_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        # Partials: [split_k, n_blocks, BLOCK_M * BLOCK_N] fp32, one dense tile per program.
+        tile = ms[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BLOCK_M, BLOCK_N]
+        tl.store(partial_ptr + (pid_k * n_blocks + pid_n) * (BLOCK_M * BLOCK_N) + tile, part)
+        # All threads' partial stores happen before the counter moves (barrier, then release);
+        # the program that sees split_k - 1 acquires every other program's partial.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_k - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, split_k, REDUCE_SPLITS):
+                ss = s + tl.arange(0, REDUCE_SPLITS)  # [REDUCE_SPLITS]
+                base = (ss * n_blocks + pid_n) * (BLOCK_M * BLOCK_N)
+                # .cg: read at L2, where the other SMs' partials are, never a stale L1 line.
+                parts = tl.load(partial_ptr + base[:, None, None] + tile[None, :, :],
+                                mask=(ss < split_k)[:, None, None], other=0.0,
+                                cache_modifier=".cg")  # [REDUCE_SPLITS, BLOCK_M, BLOCK_N]
+                total += tl.sum(parts, axis=0)
+            tl.store(y_ptr + out_offs, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+            tl.store(count_ptr + pid_n, 0)  # reset for the next call and for CUDA-graph replays
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch shape. split_k = cdiv(K, rows_per_program); rows_per_program is a multiple of block_k."""
+    block_n: int
+    block_k: int
+    rows_per_program: int
+    num_warps: int
+
+
+# Candidates that tune() measures; each tile is 16 KB of bf16 and 64 fp32 accumulators a thread.
+TILES = [(256, 32, 4), (256, 64, 8), (128, 64, 4), (512, 32, 8), (512, 16, 4), (1024, 16, 8)]
+ROWS_PER_PROGRAM = [128, 256, 512, 1024]
+CANDIDATES = [Config(n, k, r, w) for n, k, w in TILES for r in ROWS_PER_PROGRAM if r >= k]
+
+# Chosen by scripts/benchmark_gemv.py (tune at 0% and 50% sparsity, bf16) on an H100 80GB HBM3,
+# keyed by (in_features, splits). The same config serves every sparsity, so more sparsity only
+# ever removes loads: the kernel stays monotone in sparsity.
+TUNED = {}
+
+_tuned_here = {}  # tune() results of this process: (K, splits, dtype, BLOCK_M, device) -> Config
+tune_log = []  # every (key, config, microseconds) tune() measured, for the benchmark's record
+
+
+def _sm_count(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter runs programs one by one: few, but still more than one split
+
+
+def default_config(K, splits, device):
+    """Without a tuned entry: 256-wide blocks and enough split-K programs to fill each SM 4 deep."""
+    block_n = min(256, max(16, triton.next_power_of_2(max(splits))))
+    block_k = 32
+    n_blocks = sum(triton.cdiv(w, block_n) for w in splits)
+    split_k = max(1, min(triton.cdiv(4 * _sm_count(device), n_blocks), triton.cdiv(K, block_k)))
+    rows = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    return Config(block_n, block_k, rows, 4)
+
+
+def choose_config(K, splits, dtype, block_m, device):
+    key = (K, tuple(splits), dtype, block_m, str(device))
+    return _tuned_here.get(key) or TUNED.get((K, tuple(splits))) or default_config(K, splits, device)
+
+
+class _Workspace:
+    """fp32 partials and per-block arrival counters, shared by every call on one device.
+
+    Calls on one stream run one after another and each leaves its counters at zero, so one
+    workspace serves them all. Buffers only grow, and outside CUDA-graph capture; a replaced
+    buffer is kept alive because a captured graph may still point at it.
+    """
+
+    def __init__(self):
+        self.buffers = {}
+        self.retired = []
+
+    def get(self, device, n_partials, n_counters):
+        partials, counters = self.buffers.get(device, (None, None))
+        if partials is None or partials.numel() < n_partials or counters.numel() < n_counters:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("sparse_linear needs a larger workspace during CUDA-graph capture: "
+                                   "call it once with this shape before capturing (sparse_kernels.warm_up)")
+            if partials is not None:
+                self.retired.append((partials, counters))
+                n_partials, n_counters = max(n_partials, 2 * partials.numel()), max(n_counters, 2 * counters.numel())
+            partials = torch.empty(max(n_partials, 1 << 16), dtype=torch.float32, device=device)
+            counters = torch.zeros(max(n_counters, 1 << 12), dtype=torch.int32, device=device)
+            self.buffers[device] = (partials, counters)
+        return partials, counters
+
+
+workspace = _Workspace()
+
+
+def sparse_gemv(x, data, thresholds, splits, config=None, out=None):
+    """x: [M, K] (M <= MAX_ROWS); data: [K, N] weight; thresholds: fp32 [n_segments] (any stride);
+    splits: segment widths summing to N. Returns y: [M, N] in x's dtype (written into out if given)."""
+    M, K = x.shape
+    N = data.shape[1]
+    if data.shape[0] != K or not data.is_contiguous() or x.stride(1) != 1:
+        raise ValueError(f"x {tuple(x.shape)} (inner stride 1) and a contiguous [K, N] weight expected, got {tuple(data.shape)}")
+    if x.dtype != data.dtype:
+        raise ValueError(f"x is {x.dtype}, the weight {data.dtype}: the kernel computes in the weight's dtype")
+    if not 1 <= M <= MAX_ROWS or not 1 <= len(splits) <= MAX_SEGMENTS or sum(splits) != N:
+        raise ValueError(f"{M} rows (1..{MAX_ROWS}) and splits {splits} (1..{MAX_SEGMENTS} segments summing to {N})")
+    if K * N >= 2**31:
+        raise ValueError("weights of 2**31 elements or more need 64-bit offsets")
+    if thresholds.shape != (len(splits),) or thresholds.dtype != torch.float32:
+        raise ValueError(f"thresholds must be fp32 [{len(splits)}], got {thresholds.dtype} {tuple(thresholds.shape)}")
+    block_m = 1 if M == 1 else 16  # tl.dot wants at least 16 rows
+    cfg = config or choose_config(K, splits, data.dtype, block_m, x.device)
+    rows = cfg.rows_per_program
+    if block_m > 1:
+        # Fewer, longer splits: the reduction reads 16 rows of partials per split.
+        rows = max(rows, triton.cdiv(triton.cdiv(K, 8), cfg.block_k) * cfg.block_k)
+    split_k = triton.cdiv(K, rows)
+    n_blocks = sum(triton.cdiv(w, cfg.block_n) for w in splits)
+    bounds = [sum(splits[:i]) for i in range(1, MAX_SEGMENTS)] + [N] * (MAX_SEGMENTS - len(splits))
+    partials, counters = workspace.get(x.device, split_k * n_blocks * block_m * cfg.block_n, n_blocks)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    _sparse_gemv_kernel[(n_blocks, split_k)](
+        x, data, thresholds, y, partials, counters,
+        M, K, N, bounds[0], bounds[1], rows,
+        x.stride(0), y.stride(0), thresholds.stride(0),
+        BLOCK_M=block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+        REDUCE_SPLITS=max(1, 16 // block_m), EVEN_N=all(w % cfg.block_n == 0 for w in splits),
+        # fp32 weights need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
+        DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
+        num_warps=cfg.num_warps,
+    )
+    return y
+
+
+def tune(K, splits, dtype=torch.bfloat16, rows=1, device="cuda", sparsities=(0.0, 0.5), candidates=None):
+    """Time the candidate configs on random data at the given sparsities; keep the one with the
+    least summed time for this (K, splits, dtype, rows, device) in this process. Returns it.
+
+    Never call during CUDA-graph capture: it allocates and synchronizes. Call it (or warm_up) ahead.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("tune() cannot run during CUDA-graph capture; tune before capturing")
+    N = sum(splits)
+    block_m = 1 if rows == 1 else 16
+    W = torch.randn(K, N, device=device, dtype=dtype) * 0.02
+    x = torch.randn(rows, K, device=device, dtype=dtype)
+    best, best_time = None, float("inf")
+    for cfg in candidates or CANDIDATES:
+        times = []
+        for s in sparsities:
+            t = torch.full((len(splits),), torch.quantile(x.float().abs().flatten(), s).item() if s > 0 else 0.0, device=device)
+            times.append(1e3 * triton.testing.do_bench(lambda: sparse_gemv(x, W, t, splits, cfg), warmup=5, rep=20, return_mode="median"))
+        tune_log.append(((K, tuple(splits), str(dtype), rows), cfg, times))
+        total = sum(times)
+        if total < best_time:
+            best, best_time = cfg, total
+    _tuned_here[(K, tuple(splits), dtype, block_m, str(device))] = best
+    return best

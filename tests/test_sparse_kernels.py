@@ -1,0 +1,197 @@
+"""The Triton sparse GEMV against a float64 reference, on the CPU through the Triton interpreter.
+
+TRITON_INTERPRET=1 is set for this module only (fixture below): sparse_kernels imports its Triton
+kernel at the first call that runs it, so the kernel is built for the interpreter here, and other
+test modules keep the plain-torch CPU path.
+
+Tolerances (relative Frobenius error vs float64): fp32 1e-5; bf16 and fp16 1e-2, typically ~2e-3
+for bf16 here because the interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest,
+~1e-3) and ~3e-4 for fp16.
+"""
+import math
+
+import pytest
+import torch
+
+import sparse_kernels
+from sparse_kernels import pack_weight, sparse_linear
+from sparse_kernels.ops import MAX_KERNEL_ROWS, sparse_linear_op
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        from sparse_kernels import gemv
+
+        if type(gemv._sparse_gemv_kernel).__name__ != "InterpretedFunction":
+            pytest.skip("sparse_kernels.gemv was imported without TRITON_INTERPRET=1 earlier in this process")
+        yield gemv
+
+
+def reference(x, W, thresholds, splits):
+    """float64 (x * (|x| > t_s)) @ W_s.T per segment; the comparison in fp32 as the contract says."""
+    t = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1).expand(len(splits))
+    keep = x.float().abs().unsqueeze(-2) > t[:, None]  # [..., n_segments, in]
+    xs = torch.where(keep, x.double().unsqueeze(-2), 0.0)
+    parts = [xs[..., i, :] @ Wi.double().t() for i, Wi in enumerate(W.split(list(splits)))]
+    return torch.cat(parts, dim=-1)
+
+
+def threshold(x, kind):
+    absx = x.float().abs().flatten()
+    return {"zero": 0.0, "median": absx.median().item(), "q90": torch.quantile(absx, 0.9).item(),
+            "inf": math.inf, "negative": -1.0}[kind]
+
+
+def check(y, ref, x, fmt):
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    assert torch.isfinite(y).all()
+    if ref.norm() == 0:
+        assert (y == 0).all()
+    else:
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < TOLERANCE[fmt], err
+
+
+def poison_workspace(gemv, device="cpu"):
+    partials, _ = gemv.workspace.get(torch.device(device), 1, 1)
+    partials.fill_(math.nan)
+
+
+@pytest.mark.parametrize("fmt", DTYPES)
+@pytest.mark.parametrize("in_f,out_f", [(1, 7), (7, 1), (100, 257), (257, 100), (1000, 1000)])
+def test_matches_float64(triton_interpreter, in_f, out_f, fmt):
+    W = torch.randn(out_f, in_f).to(DTYPES[fmt])
+    pw = pack_weight(W, fmt)
+    for lead in [(), (1,), (1, 1), (3, 5)]:
+        x = torch.randn(*lead, in_f).to(DTYPES[fmt])
+        for kind in ["zero", "median", "q90", "inf", "negative"]:
+            t = threshold(x, kind)
+            poison_workspace(triton_interpreter)
+            y = sparse_linear(x, pw, torch.tensor(t))
+            check(y, reference(x, W, t, pw.splits), x, fmt)
+            if kind == "inf":
+                assert (y == 0).all()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp16"])
+@pytest.mark.parametrize("in_f,splits", [(257, (100, 30, 30)), (100, (77, 77)), (1000, (512, 128, 128)), (7, (1, 6))])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_segments(triton_interpreter, in_f, splits, rows, fmt):
+    W = torch.randn(sum(splits), in_f).to(DTYPES[fmt])
+    pw = pack_weight(W, fmt, splits)
+    x = torch.randn(rows, in_f).to(DTYPES[fmt])
+    kinds = [["median", "q90", "zero"], ["inf", "negative", "median"], ["q90", "median", "inf"]]
+    for ks in kinds:
+        t = torch.tensor([threshold(x, k) for k in ks[:len(splits)]])
+        poison_workspace(triton_interpreter)
+        y = sparse_linear(x, pw, t)
+        ref = reference(x, W, t, splits)
+        check(y, ref, x, fmt)
+        for i, (start, width) in enumerate(zip([0, *torch.tensor(splits).cumsum(0).tolist()], splits)):
+            if t[i] == math.inf:
+                assert (y[..., start:start + width] == 0).all()
+
+
+@pytest.mark.parametrize("config", [None, (16, 16, 16, 4), (32, 16, 48, 4), (64, 32, 1024, 4), (128, 16, 32, 8)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_every_output_written(triton_interpreter, config, rows):
+    """Block sizes that do and do not divide the segments, one split or several (the last one
+    short): outputs and partials start as NaN, so an element nobody wrote fails."""
+    gemv = triton_interpreter
+    splits, in_f = (64, 32, 32), 100
+    W = torch.randn(sum(splits), in_f, dtype=torch.bfloat16)
+    x = torch.randn(rows, in_f, dtype=torch.bfloat16)
+    t = torch.tensor([0.3, 0.9, 0.0])
+    cfg = gemv.Config(*config) if config else None
+    poison_workspace(gemv)
+    out = torch.full((rows, sum(splits)), math.nan, dtype=torch.bfloat16)
+    y = gemv.sparse_gemv(x, pack_weight(W, "bf16", splits).data, t, splits, cfg, out=out)
+    check(y, reference(x, W, t, splits), x, "bf16")
+    _, counters = gemv.workspace.get(torch.device("cpu"), 1, 1)
+    assert (counters == 0).all(), "the last program of each block resets its counter"
+
+
+def test_deterministic(triton_interpreter):
+    W = torch.randn(300, 1000, dtype=torch.bfloat16)
+    pw = pack_weight(W, "bf16")
+    x = torch.randn(1, 1000, dtype=torch.bfloat16)
+    y1, y2 = sparse_linear(x, pw, 0.5), sparse_linear(x, pw, 0.5)
+    assert torch.equal(y1, y2)
+
+
+def test_inputs_that_are_not_finite(triton_interpreter):
+    W = torch.randn(50, 40, dtype=torch.float16)
+    pw = pack_weight(W, "fp16")
+    x = torch.randn(1, 40, dtype=torch.float16)
+    x[0, 3], x[0, 7] = math.inf, math.nan
+    assert (sparse_linear(x, pw, math.inf) == 0).all()  # inf is not > inf; NaN is never > t
+    finite = x.clone()
+    finite[0, 3] = 0
+    y = sparse_linear(finite, pw, 0.5)
+    check(y, reference(finite, W, 0.5, pw.splits), finite, "fp16")
+
+
+def test_threshold_forms(triton_interpreter):
+    W = torch.randn(30, 20, dtype=torch.bfloat16)
+    pw = pack_weight(W, "bf16", (10, 20))
+    x = torch.randn(2, 20, dtype=torch.bfloat16)
+    y = sparse_linear(x, pw, 0.4)
+    assert torch.equal(y, sparse_linear(x, pw, torch.tensor(0.4)))
+    assert torch.equal(y, sparse_linear(x, pw, torch.tensor([0.4, 0.4])))
+    with pytest.raises(ValueError):
+        sparse_linear(x, pw, torch.tensor([0.1, 0.2, 0.3]))
+
+
+def test_many_rows_use_masked_matmul(triton_interpreter):
+    W = torch.randn(96, 64, dtype=torch.bfloat16)
+    pw = pack_weight(W, "bf16", (32, 64))
+    x = torch.randn(2, MAX_KERNEL_ROWS, 64, dtype=torch.bfloat16)
+    t = torch.tensor([0.7, 0.2])
+    check(sparse_linear(x, pw, t), reference(x, W, t, pw.splits), x, "bf16")
+
+
+def test_dispatch(triton_interpreter, monkeypatch):
+    calls = []
+    launch = triton_interpreter.sparse_gemv
+    monkeypatch.setattr(triton_interpreter, "sparse_gemv", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    W = torch.randn(8, 16)
+    pw = pack_weight(W, "fp32")
+    x = torch.randn(16)
+    y = sparse_linear(x, pw, 0.5)
+    assert calls, "CPU tensors under TRITON_INTERPRET=1 run the Triton kernel"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    calls.clear()
+    torch.testing.assert_close(sparse_linear(x, pw, 0.5), y)
+    assert not calls, "plain CPU runs the torch reference"
+
+
+def test_custom_op_registration(triton_interpreter):
+    W = torch.randn(24, 40, dtype=torch.bfloat16)
+    pw = pack_weight(W, "bf16", (8, 8, 8))
+    x = torch.randn(1, 1, 40, dtype=torch.bfloat16)
+    torch.library.opcheck(sparse_linear_op, (x, pw.data, torch.tensor([0.1, 0.5, 0.9]), list(pw.splits)))
+
+
+def test_torch_compile_fullgraph_no_recompile(triton_interpreter):
+    """The op traces whole under fullgraph, matches eager, and new threshold values reuse the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    W = torch.randn(48, 64, dtype=torch.bfloat16)
+    pw = pack_weight(W, "bf16", (16, 16, 16))
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(x, t):
+        return torch.nn.functional.silu(sparse_linear(x, pw, t)) * 2
+
+    for t in ([0.0, 0.5, 1.0], [1.5, 0.1, 0.3], [math.inf, -1.0, 0.7]):
+        t = torch.tensor(t)
+        x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+        torch.testing.assert_close(step(x, t), torch.nn.functional.silu(sparse_linear(x, pw, t)) * 2)
+    assert counter.frame_count == 1
