@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import thresholds
+from thresholds import model_wide
 from model import PROJECTIONS, CheckpointError, load_checkpoint
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -73,6 +74,16 @@ def generate(model, prompt, max_new_tokens, decode=decode_one_token, sparse=True
     return torch.cat([prompt, first.view(-1), *[t.view(-1) for t in tokens]])
 
 
+def compile_decode():
+    """The decode step as one CUDA graph (torch.compile, reduce-overhead, no graph breaks)."""
+    # gpt-fast's inductor settings: coordinate-descent tuning is what lets inductor's own GEMV
+    # reductions (lm_head, the dense baseline's projections) reach full memory bandwidth.
+    torch._inductor.config.coordinate_descent_tuning = True
+    torch._inductor.config.triton.unique_kernel_names = True
+    torch._inductor.config.fx_graph_cache = True
+    return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+
+
 def default_checkpoint():
     """The bundled SmolLM2-135M-Instruct, converted from its GGUF once into a cache directory."""
     cache = Path(os.environ.get("TEAL_CACHE", Path.home() / ".cache" / "teal")) / DEFAULT_MODEL
@@ -119,12 +130,6 @@ def bytes_per_token(model, sparsity):
     return total
 
 
-def weighted_sparsity(model, sparsity):
-    """Model-wide sparsity: each projection's measured sparsity weighted by its weight count."""
-    sizes = model.projection_sizes()
-    return float((sparsity.double().mean(0) * sizes).sum() / sizes.sum())
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", help=f"checkpoint dir or model.safetensors (default: the bundled {DEFAULT_MODEL})")
@@ -165,45 +170,61 @@ def main(argv=None):
     print(f"Loaded {meta.get('name', ckpt)} in {time.perf_counter() - t0:.1f} s"
           + (f"; thresholds for sparsity {args.sparsity} ({args.method}) from {used}" if used else "; dense"), file=sys.stderr)
 
+    sparse = not args.dense and args.sparsity > 0
+    if args.interactive:
+        cache_len = min(model.config.block_size, 4096)  # room for a conversation, allocated once
+        prompts = iter(lambda: input("\nYou: "), None)
+    else:
+        ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt, bos=tokenizer.add_bos)
+        cache_len = len(ids) + args.max_new_tokens
+        prompts = [ids] * args.num_samples
+    if cache_len > model.config.block_size:
+        raise UsageError(f"a prompt of {cache_len - args.max_new_tokens} tokens plus {args.max_new_tokens} new tokens exceeds the model's {model.config.block_size}-token context")
+    model.setup_caches(1, cache_len)
+    model.record_sparsity(sparse)  # before compiling: the flag is part of the compiled graph
+
     decode = decode_one_token
     if args.compile:
-        decode = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    sparse = not args.dense and args.sparsity > 0
+        decode = compile_decode()
+        t0 = time.perf_counter()
+        # Compiles, then records the CUDA graph: both happen on the first calls, not in the timing.
+        generate(model, torch.zeros(4, dtype=torch.int, device=device), 8, decode, sparse)
+        print(f"Compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    prompts = iter(lambda: input("\nYou: "), None) if args.interactive else [args.prompt] * args.num_samples
-    history, cache_len = [], 0
-    for i, text in enumerate(prompts):
-        if args.interactive or args.chat:
-            history.append({"role": "user", "content": text})
-            text = tokenizer.render_chat(history if args.interactive else history[-1:])
-        ids = tokenizer.encode(text, bos=tokenizer.add_bos)
-        max_seq = len(ids) + args.max_new_tokens
-        if max_seq > model.config.block_size:
-            raise UsageError(f"prompt of {len(ids)} tokens plus {args.max_new_tokens} new tokens exceeds the model's {model.config.block_size}-token cache")
-        if max_seq > cache_len:
-            # Chat turns grow: reserve room up front so a compiled step keeps its cache buffers.
-            cache_len = min(model.config.block_size, max(max_seq, 4096 if args.interactive else 0))
-            model.setup_caches(1, cache_len)
+    history = []
+    for i, ids in enumerate(prompts):
+        if args.interactive:
+            history.append({"role": "user", "content": ids})
+            ids = tokenizer.encode(tokenizer.render_chat(history), bos=tokenizer.add_bos)
+            while len(ids) + args.max_new_tokens > cache_len and len(history) > 1:
+                history = history[2:]  # forget the oldest exchange rather than overflow the cache
+                ids = tokenizer.encode(tokenizer.render_chat(history), bos=tokenizer.add_bos)
+            if len(ids) + args.max_new_tokens > cache_len:
+                print(f"error: that message is longer than the {cache_len}-token context allows", file=sys.stderr)
+                history = []
+                continue
         prompt = torch.tensor(ids, dtype=torch.int, device=device)
         streamed = Streamer(tokenizer)
         model.record_sparsity(sparse)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         t0 = time.perf_counter()
         out = generate(model, prompt, args.max_new_tokens, decode, sparse, args.temperature, args.top_k, callback=streamed)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        sync(device)
         elapsed = time.perf_counter() - t0
         reply = streamed.finish()
         if args.interactive:
             history.append({"role": "assistant", "content": reply})
         n_new = out.numel() - len(ids)
         measured = model.measured_sparsity() if sparse else torch.zeros(model.config.n_layer, len(PROJECTIONS))
-        model.record_sparsity(False)
         per_proj = " ".join(f"{name} {s:.2f}" for name, s in zip(PROJECTIONS, measured.mean(0).tolist()))
         print(f"\n[sample {i + 1}] {n_new} tokens in {elapsed:.2f} s: {n_new / elapsed:.1f} tok/s; "
-              f"measured sparsity {weighted_sparsity(model, measured):.3f} ({per_proj}); "
+              f"measured sparsity {model_wide(measured, model.projection_sizes()):.3f} ({per_proj}); "
               f"{bytes_per_token(model, measured) * n_new / elapsed / 1e9:.1f} GB/s", file=sys.stderr)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 class Streamer:
