@@ -175,7 +175,7 @@ def main(argv=None):
         cache_len = min(model.config.block_size, 4096)  # room for a conversation, allocated once
         prompts = iter(lambda: input("\nYou: "), None)
     else:
-        ids = tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt, bos=tokenizer.add_bos)
+        ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}]) if args.chat else tokenizer.encode(args.prompt, bos=tokenizer.add_bos)
         cache_len = len(ids) + args.max_new_tokens
         prompts = [ids] * args.num_samples
     if cache_len > model.config.block_size:
@@ -195,10 +195,10 @@ def main(argv=None):
     for i, ids in enumerate(prompts):
         if args.interactive:
             history.append({"role": "user", "content": ids})
-            ids = tokenizer.encode(tokenizer.render_chat(history), bos=tokenizer.add_bos)
+            ids = encode_chat(tokenizer, history)
             while len(ids) + args.max_new_tokens > cache_len and len(history) > 1:
                 history = history[2:]  # forget the oldest exchange rather than overflow the cache
-                ids = tokenizer.encode(tokenizer.render_chat(history), bos=tokenizer.add_bos)
+                ids = encode_chat(tokenizer, history)
             if len(ids) + args.max_new_tokens > cache_len:
                 print(f"error: that message is longer than the {cache_len}-token context allows", file=sys.stderr)
                 history = []
@@ -220,6 +220,11 @@ def main(argv=None):
         print(f"\n[sample {i + 1}] {n_new} tokens in {elapsed:.2f} s: {n_new / elapsed:.1f} tok/s; "
               f"measured sparsity {model_wide(measured, model.projection_sizes()):.3f} ({per_proj}); "
               f"{bytes_per_token(model, measured) * n_new / elapsed / 1e9:.1f} GB/s", file=sys.stderr)
+
+
+def encode_chat(tokenizer, messages):
+    # Chat templates write their own BOS.
+    return tokenizer.encode(tokenizer.render_chat(messages), bos=False)
 
 
 def sync(device):

@@ -307,6 +307,9 @@ def save_checkpoint(path, model, name, extra=None):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         save_file(state, tmp, metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a checkpoint is for sharing
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -15,9 +15,6 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-# Run as a file, Python puts scripts/ on the path, not the repository root that holds model.py.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import torch
 from tqdm import tqdm

