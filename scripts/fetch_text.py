@@ -1,0 +1,176 @@
+"""Fetch the project's prose from two Debian packages into data/ (idempotent, atomic per file).
+
+  data/calibration.txt       the Python 3.11 documentation sources (python3.11-doc), to calibrate
+                             thresholds on
+  data/heldout/<novel>.txt   Jane Austen's six novels (r-cran-janeaustenr), held out for perplexity
+
+The packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x` in a cache
+directory, never installed: r-cran-janeaustenr would pull in R.
+
+    python scripts/fetch_text.py
+"""
+import argparse
+import gzip
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON_DOC = "python3.11-doc"
+AUSTEN = "r-cran-janeaustenr"
+DOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
+AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
+NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+
+
+class FetchError(Exception):
+    pass
+
+
+def write_atomic(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def apt_download(package, cache):
+    """-> path of the package's .deb in cache, downloading it (after an apt-get update if need be)."""
+    debs = sorted(cache.glob(f"{package}_*.deb"))
+    if debs:
+        return debs[-1]
+    if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
+        raise FetchError("apt-get and dpkg-deb are needed to fetch the text (a Debian-based system)")
+    cache.mkdir(parents=True, exist_ok=True)
+    download = ["apt-get", "download", package]
+    # The package lists may be missing or stale on a fresh machine: update once, then retry.
+    if subprocess.run(download, cwd=cache, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update"], capture_output=True)
+        r = subprocess.run(download, cwd=cache, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise FetchError(f"apt-get download {package} failed: {last}")
+    return sorted(cache.glob(f"{package}_*.deb"))[-1]
+
+
+def unpacked(package, cache):
+    """-> root of the package's unpacked file tree in cache."""
+    root = cache / package
+    if not root.is_dir():
+        deb = apt_download(package, cache)
+        tmp = cache / f"{package}.tmp{os.getpid()}"
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], check=True)
+        os.replace(tmp, root)
+    return root
+
+
+class RReader:
+    """The subset of R's XDR serialization that janeaustenr's lazy-load database uses."""
+
+    def __init__(self, data):
+        if data[:2] != b"X\n":
+            raise FetchError("not an R XDR serialization")
+        self.data, self.pos, self.refs = data, 2, []
+        version = self.int()
+        self.pos += 8  # writer's and minimal reader's R versions
+        if version == 3:
+            self.pos += 4 + self.int()  # the native encoding's name
+
+    def int(self):
+        (v,) = struct.unpack_from(">i", self.data, self.pos)
+        self.pos += 4
+        return v
+
+    def item(self):
+        flags = self.int()
+        kind, has_attr, has_tag = flags & 0xFF, flags & 0x200, flags & 0x400
+        if kind == 254:  # NULL
+            return None
+        if kind == 255:  # a reference to an earlier symbol
+            return self.refs[(flags >> 8) - 1]
+        if kind == 1:  # symbol: its name, remembered for later references
+            self.refs.append(self.item())
+            return self.refs[-1]
+        if kind == 2:  # pairlist (attributes): {tag: value, ...}
+            if has_attr:
+                self.item()  # a pairlist's own attributes: none that matter here
+            tag = self.item() if has_tag else None
+            out = {tag: self.item()}
+            out.update(self.item() or {})
+            return out
+        if kind == 9:  # CHARSXP: length (-1 is NA) then the bytes
+            n = self.int()
+            s = None if n == -1 else self.data[self.pos:self.pos + n].decode("utf-8")
+            self.pos += max(n, 0)
+            return s
+        n = self.int()
+        if kind in (10, 13):  # logical, integer
+            v = list(struct.unpack_from(f">{n}i", self.data, self.pos))
+            self.pos += 4 * n
+        elif kind in (16, 19):  # character vector, list
+            v = [self.item() for _ in range(n)]
+        else:
+            raise FetchError(f"unexpected R object type {kind}")
+        if has_attr:
+            attrs = self.item()
+            if "names" in attrs:
+                v = dict(zip(attrs["names"], v))
+        return v
+
+
+def austen_novels(root):
+    """-> {novel: text}: each novel is a character vector of lines in the package's .rdb."""
+    base = root / AUSTEN_DATA
+    index = RReader(gzip.decompress(base.with_suffix(".rdx").read_bytes())).item()["variables"]
+    rdb = base.with_suffix(".rdb").read_bytes()
+    novels = {}
+    for name in NOVELS:
+        offset, length = index[name]
+        # Each entry: 4-byte big-endian uncompressed length, then zlib data.
+        lines = RReader(zlib.decompress(rdb[offset + 4:offset + length])).item()
+        novels[name] = "\n".join(line or "" for line in lines) + "\n"
+    return novels
+
+
+def python_docs(root):
+    files = sorted((root / DOC_SOURCES).rglob("*.rst.txt"))
+    if not files:
+        raise FetchError(f"no .rst.txt sources in {PYTHON_DOC}")
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO / "data", help="where the text goes")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "teal" / "debs", help="where the .debs are unpacked")
+    args = parser.parse_args()
+
+    calibration = args.data / "calibration.txt"
+    heldout = [args.data / "heldout" / f"{name}.txt" for name in NOVELS]
+    steps = [(PYTHON_DOC, [calibration]), (AUSTEN, heldout)]
+    with tqdm(total=len(steps), desc="fetch text", unit="package") as bar:
+        for package, outputs in steps:
+            bar.set_postfix_str(package)
+            if not all(p.exists() for p in outputs):
+                root = unpacked(package, args.cache)
+                if package == PYTHON_DOC:
+                    write_atomic(calibration, python_docs(root))
+                else:
+                    for name, text in austen_novels(root).items():
+                        write_atomic(args.data / "heldout" / f"{name}.txt", text)
+            bar.update()
+    print(f"text in {args.data}: {calibration.name} ({calibration.stat().st_size / 1e6:.1f} MB), "
+          f"heldout/ ({sum(p.stat().st_size for p in heldout) / 1e6:.1f} MB, {len(heldout)} novels)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FetchError as e:
+        sys.exit(f"fetch_text: {e}")
