@@ -1,5 +1,6 @@
-"""Uniform calibration: run text through the model densely, histogram each projection input's
-fp32 |x| per layer, and read the thresholds off the histograms' quantiles.
+"""Uniform calibration: run text through the model, histogram each projection input's fp32 |x|
+per layer, and read the thresholds off the histograms' quantiles: first from a dense pass, then
+(refine) from a pass at each grid sparsity with its own thresholds applied, as decode applies them.
 
 Histograms keep memory constant however many tokens pass (a 7B model's activations are never
 stored) and work on any device. A bin is the top 16 bits of an fp32 |x|: one bin per bf16 value,
