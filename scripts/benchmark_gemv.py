@@ -3,9 +3,11 @@
     python -m scripts.benchmark_gemv              # check, tune, benchmark; JSON + PNG to benchmarks/results/
     python -m scripts.benchmark_gemv --no-tune    # use the shipped config table (sparse_kernels/gemv.py TUNED)
 
-Timing: triton.testing.do_bench medians; do_bench zeroes a 256 MB buffer before every repetition,
-so each run starts with a cold L2 (50 MB on the H100), as a weight does in a decode step.
-Bandwidth counts the bytes that must move: the active rows of the weight, x and y.
+Timing (sparse_kernels.gemv.time_in_graph): calls replayed from a CUDA graph, as a compiled decode
+step runs them, cycling through enough weight copies (4x the L2) that each call reads its weight
+cold, medians. The "flush" figures time one call the way triton's do_bench does (256 MB zeroed
+before each replay), as ../shared/ANCHORS.md did; that adds the write-back of a dirty L2 to every
+call, cuBLAS's included. Bandwidth counts the bytes that must move: active weight rows, x and y.
 """
 import argparse
 import json
@@ -43,8 +45,6 @@ def shapes(models):
     return out
 
 
-def bench(fn, rep=50):
-    return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median") * 1e3  # us
 
 
 def rel_err(y, ref):
@@ -64,7 +64,8 @@ def reference(x, W64, t, splits):
 def copy_bandwidth():
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    return 2 * src.numel() / (bench(lambda: dst.copy_(src)) * 1e-6)  # bytes read + written per s
+    us = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100, return_mode="median") * 1e3
+    return 2 * src.numel() / (us * 1e-6)  # bytes read + written per s
 
 
 def check():
@@ -84,7 +85,10 @@ def check():
                     t = torch.tensor(t[:len(splits)], device="cuda")
                     ref = reference(x, W64, t, splits)
                     if rows <= gemv.MAX_ROWS:
-                        gemv.workspace.get(x.device, 1, 1)[0].fill_(math.nan)
+                        partials, _, index, value = gemv.workspace.get(x.device, partials=1, counters=1, index=1, value=1)
+                        partials.fill_(math.nan)
+                        value.fill_(math.nan)
+                        index.fill_(0)
                         y = gemv.sparse_gemv(x, pw.data, t, splits, out=torch.full((rows, sum(splits)), math.nan, device="cuda", dtype=dtype))
                     else:
                         y = sparse_linear(x, pw, t)
@@ -92,7 +96,7 @@ def check():
                     err = rel_err(y, ref) if ref.norm() > 0 else float((y != 0).any())
                     worst[fmt] = max(worst.get(fmt, 0.0), err)
                     assert err < (1e-5 if fmt == "fp32" else 1e-2), (fmt, in_f, splits, rows, err)
-    assert (gemv.workspace.get(torch.device("cuda"), 1, 1)[1] == 0).all()
+    assert (gemv.workspace.get(torch.device("cuda"), counters=1)[0] == 0).all()
 
     # Determinism: the split-K reduction runs in a fixed order.
     pw = pack_weight(torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16) * 0.02)
@@ -152,37 +156,49 @@ def kernel_report():
     return out
 
 
-def run_shape(name, in_f, splits, dtypes, tune, copy_bw, sms):
+def run_shape(name, in_f, splits, dtypes, tune, copy_bw):
     N = sum(splits)
     rows = []
     cfg = None
     for fmt in dtypes:
         dtype = DTYPES[fmt]
-        W = torch.randn(N, in_f, device="cuda", dtype=dtype) * 0.02  # [out, in] as nn.Linear
-        pw = pack_weight(W, fmt, splits)
-        W64 = pw.data.double()
         x = torch.randn(1, in_f, device="cuda", dtype=dtype)
+        key = (in_f, tuple(splits), dtype, 1, str(x.device))
         if tune and cfg is None:
             cfg = gemv.tune(in_f, splits, dtype)
         cfg = cfg or gemv.choose_config(in_f, splits, dtype, 1, x.device)
-        gemv._tuned_here[(in_f, tuple(splits), dtype, 1, str(x.device))] = cfg
-        t_cublas = bench(lambda: torch.matmul(x, W.t()))
-        t_dense_packed = bench(lambda: torch.matmul(x, pw.data))
+        Ws = [torch.randn(N, in_f, device="cuda", dtype=dtype) * 0.02  # [out, in] as nn.Linear
+              for _ in range(gemv.weight_copies(N * in_f * dtype.itemsize, x.device))]
+        pws = [pack_weight(W, fmt, splits) for W in Ws]
+        W64 = pws[0].data.double()
+        t_cublas = gemv.time_in_graph([lambda W=W: torch.matmul(x, W.t()) for W in Ws])
+        t_cublas_flush = gemv.time_in_graph([lambda: torch.matmul(x, Ws[0].t())], flush_l2=True)
+        t_dense_packed = gemv.time_in_graph([lambda pw=pw: torch.matmul(x, pw.data) for pw in pws])
         elt = dtype.itemsize
-        for s in SPARSITIES:
+        variants = {"chosen": cfg}
+        if fmt == "bf16" and tune:
+            logged = [(c, sum(t)) for k, c, t in gemv.tune_log if k[:2] == (in_f, tuple(splits))]
+            for label, compact in [("compact", True), ("masked", False)]:
+                variants[label] = min((e for e in logged if e[0].compact == compact), key=lambda e: e[1])[0]
+        for (variant, vcfg), s in [(v, s) for v in variants.items() for s in SPARSITIES]:
+            gemv._tuned_here[key] = vcfg
             thr = torch.quantile(x.float().abs().flatten(), s).item() if s > 0 else 0.0
             t = torch.full((len(splits),), thr, device="cuda")
             zero = (x.float().abs() <= thr).float().mean().item()
-            y = sparse_linear(x, pw, t)
+            y = sparse_linear(x, pws[0], t)
             err = rel_err(y, reference(x, W64, t, splits))
-            us = bench(lambda: sparse_linear(x, pw, t))
+            us = gemv.time_in_graph([lambda pw=pw: sparse_linear(x, pw, t) for pw in pws])
+            us_flush = gemv.time_in_graph([lambda: sparse_linear(x, pws[0], t)], flush_l2=True) if variant == "chosen" else None
             needed = (1 - zero) * in_f * N * elt + (in_f + N) * elt
-            rows.append(dict(shape=name, in_features=in_f, splits=list(splits), dtype=fmt, sparsity=s,
+            rows.append(dict(shape=name, in_features=in_f, splits=list(splits), dtype=fmt, sparsity=s, variant=variant,
                              zero_fraction=zero, us=us, cublas_us=t_cublas, cublas_packed_layout_us=t_dense_packed,
                              speedup=t_cublas / us, bytes_needed=needed, tb_per_s=needed / us * 1e-6,
                              pct_copy_bw=100 * needed / (us * 1e-6) / copy_bw, floor_us=needed / copy_bw * 1e6,
-                             rel_err=err, config=vars(cfg), split_k=triton.cdiv(in_f, cfg.rows_per_program)))
-        del W, pw, W64
+                             us_flush=us_flush, cublas_us_flush=t_cublas_flush,
+                             speedup_flush=t_cublas_flush / us_flush if us_flush else None,
+                             rel_err=err, config=vars(vcfg), split_k=triton.cdiv(in_f, vcfg.rows_per_program)))
+        gemv._tuned_here[key] = cfg
+        del Ws, pws, W64
     return rows
 
 
@@ -237,8 +253,10 @@ def main():
     print("checks:", checks, f"({time.time() - started:.0f} s)", flush=True)
     copy_bw = copy_bandwidth()
     results = []
+    everything = []
     for name, in_f, splits in tqdm(shapes(args.models), desc="shapes"):
-        results += run_shape(name, in_f, splits, args.dtypes, not args.no_tune, copy_bw, props.multi_processor_count)
+        everything += run_shape(name, in_f, splits, args.dtypes, not args.no_tune, copy_bw)
+    results = [r for r in everything if r["variant"] == "chosen"]
 
     tag = torch.cuda.get_device_name().split()[1].lower()
     meta = dict(device=torch.cuda.get_device_name(), sms=props.multi_processor_count, l2_mb=props.L2_cache_size / 2**20,
@@ -247,7 +265,7 @@ def main():
                 kernels=kernel_report(), seconds=time.time() - started,
                 tune_log=[dict(key=str(k), config=vars(c), us=t) for k, c, t in gemv.tune_log])
     with open(os.path.join(args.out, f"gemv_{tag}.json"), "w") as f:
-        json.dump(dict(meta=meta, results=results), f, indent=1)
+        json.dump(dict(meta=meta, results=results, variants=[r for r in everything if r["variant"] != "chosen"]), f, indent=1)
     try:
         plot(results, copy_bw, os.path.join(args.out, f"gemv_{tag}.png"))
     except Exception:
@@ -261,8 +279,33 @@ def main():
             rs = [r for r in results if r["shape"] == name and r["dtype"] == fmt]
             c = rs[0]["config"]
             print(f"{name:<18}{rs[0]['cublas_us']:>8.1f}" + "".join(f"{r['us']:>6.1f} ({r['speedup']:.2f},{r['pct_copy_bw']:3.0f})" for r in rs)
-                  + f"{max(r['rel_err'] for r in rs):>9.1e}  {c['block_n']}x{c['block_k']} r{c['rows_per_program']} w{c['num_warps']} sk{rs[0]['split_k']}")
+                  + f"{max(r['rel_err'] for r in rs):>9.1e}  {c['block_n']}x{c['block_k']} r{c['rows_per_program']} w{c['num_warps']} sk{rs[0]['split_k']} {'compact' if c['compact'] else 'masked'}")
+    print_flush(results)
     print_targets(results)
+    print_variants(everything)
+
+
+def print_variants(rows):
+    """The best config of each kernel variant (from tuning) across sparsities, bf16."""
+    ab = [r for r in rows if r["variant"] != "chosen" and r["dtype"] == "bf16"]
+    if not ab:
+        return
+    print("\nvariants, bf16 us at " + " ".join(f"{s:.0%}" for s in SPARSITIES))
+    for name in dict.fromkeys(r["shape"] for r in ab):
+        for v in ("compact", "masked"):
+            rs = [r for r in ab if r["shape"] == name and r["variant"] == v]
+            c = rs[0]["config"]
+            print(f"  {name:<18} {v:<8}" + "".join(f"{r['us']:7.1f}" for r in rs) + f"   {c['block_n']}x{c['block_k']} r{c['rows_per_program']} w{c['num_warps']}")
+
+
+def print_flush(results):
+    """The do_bench way (L2 zeroed before each call), to set beside ../shared/ANCHORS.md, bf16."""
+    print("\nflush-timed (do_bench's way), bf16: us (speedup vs cuBLAS timed alike)")
+    print(f"{'':<18}{'cuBLAS':>8}" + "".join(f"{s:>14.0%}" for s in SPARSITIES))
+    for name in dict.fromkeys(r["shape"] for r in results):
+        rs = [r for r in results if r["shape"] == name and r["dtype"] == "bf16"]
+        if rs:
+            print(f"{name:<18}{rs[0]['cublas_us_flush']:>8.1f}" + "".join(f"{r['us_flush']:>7.1f} ({r['speedup_flush']:.2f})" for r in rs))
 
 
 def print_targets(results):

@@ -1,11 +1,14 @@
 """The Triton sparse GEMV: y = (x * (|x| > t_s)) @ W_s for each output segment s of a weight
 stored [in, out] row-major, so a skipped input channel is one skipped contiguous row.
 
-Work decomposition: a 2-D grid over (output blocks, split-K row ranges). Program (n, k) walks its
-row range BLOCK_K rows at a time, loads only the weight rows whose input is active (masked loads
-of inactive rows issue no memory traffic) and writes an fp32 partial of its output block. The last
-of the split_k programs of a block to finish sums the partials in split order (deterministic) and
-writes y in x's dtype: one launch per call, no second pass over memory, no atomics on y.
+Work decomposition: a 2-D grid over (output blocks, split-K row ranges). Program (n, k) reads only
+the weight rows of its range whose input channel is active, BLOCK_K rows a tile, and writes an fp32
+partial of its output block. Two loops, a per-shape choice (Config.compact): "masked" walks the
+range and masks inactive rows (a masked load issues no memory traffic); "compact" first packs the
+active channels' indices into scratch, then streams full tiles of active rows only, so the loads in
+flight do not thin out as sparsity grows. The last of the split_k programs of a block to finish
+sums the partials in split order (deterministic) and writes y in x's dtype: one launch per call,
+no second pass over memory, no atomics on y.
 
 Imported only when a call runs on Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 so that TRITON_INTERPRET is read at first use rather than at `import sparse_kernels`.
@@ -39,11 +42,12 @@ def _block_columns(pid_n, N, split1, split2, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, w_ptr, t_ptr, y_ptr, partial_ptr, count_ptr,
+    x_ptr, w_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
     M, K, N, split1, split2, rows_per_split,
     stride_xm, stride_ym, stride_t,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
     pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
@@ -60,25 +64,72 @@ def _sparse_gemv_kernel(
     row_start = pid_k * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, K)
 
-    if BLOCK_M == 1:
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-        rows = row_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    if BLOCK_M == 1 and COMPACT:
+        # Phase 1: the indices and values of this program's active channels, packed into its own
+        # scratch slots (one pass: rows_per_split <= COMPACT_BLOCK), so that phase 2 loads full
+        # tiles whatever the sparsity.
+        scratch = (pid_k * n_blocks + pid_n) * rows_per_split
+        rows = row_start + tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
         x = tl.load(x_ptr + rows, mask=rows < row_end, other=0.0).to(tl.float32)
-        for k in range(row_start, row_end, BLOCK_K):
-            rows = k + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-            active = (tl.abs(x) > t) & (rows < row_end)
+        active = (tl.abs(x) > t) & (rows < row_end)
+        slot = scratch + tl.cumsum(active.to(tl.int32), axis=0) - 1  # [COMPACT_BLOCK]
+        tl.store(index_ptr + slot, rows, mask=active)
+        tl.store(value_ptr + slot, x, mask=active)
+        n_active = tl.sum(active.to(tl.int32), axis=0)
+        tl.debug_barrier()  # phase 2's threads read slots that other threads wrote
+        # Phase 2: BLOCK_K active rows a tile. Weights run one tile ahead of the sum, indices two,
+        # so a tile's rows are in flight while the previous tile is summed.
+        ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        idx = tl.load(index_ptr + scratch + ks, mask=ks < n_active, other=0)
+        val = tl.load(value_ptr + scratch + ks, mask=ks < n_active, other=0.0)
+        if EVEN_N:
+            w_mask = (ks < n_active)[:, None]
+        else:
+            w_mask = (ks < n_active)[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + idx[:, None] * N + cols[None, :], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        nk = BLOCK_K + ks
+        idx_next = tl.load(index_ptr + scratch + nk, mask=nk < n_active, other=0)
+        val_next = tl.load(value_ptr + scratch + nk, mask=nk < n_active, other=0.0)
+        for j in range(0, n_active, BLOCK_K):
+            nk = j + BLOCK_K + ks  # [BLOCK_K] slots of the next tile
             if EVEN_N:
-                # No column mask: a mask constant along a row keeps the loads 16 bytes wide.
-                w_mask = active[:, None]
+                w_mask = (nk < n_active)[:, None]
             else:
-                w_mask = active[:, None] & col_ok[None, :]
-            w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
-            # The next rows' x is fetched while this tile's weights are in flight.
-            next_rows = rows + BLOCK_K
-            x_next = tl.load(x_ptr + next_rows, mask=next_rows < row_end, other=0.0).to(tl.float32)
+                w_mask = (nk < n_active)[:, None] & col_ok[None, :]
+            w_next = tl.load(w_ptr + idx_next[:, None] * N + cols[None, :], mask=w_mask, other=0.0)
+            nnk = nk + BLOCK_K
+            idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_active, other=0)
+            val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_active, other=0.0)
+            acc += val[:, None] * w.to(tl.float32)
+            w, val, idx_next, val_next = w_next, val_next, idx_after, val_after
+        part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
+    elif BLOCK_M == 1:
+        # Weights run one tile ahead of the sum: a tile's active rows are in flight while the
+        # previous tile is summed.
+        ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        rows = row_start + ks
+        x = tl.load(x_ptr + rows, mask=rows < row_end, other=0.0).to(tl.float32)
+        active = (tl.abs(x) > t) & (rows < row_end)
+        if EVEN_N:
+            # No column mask: a mask constant along a row keeps the loads 16 bytes wide.
+            w_mask = active[:, None]
+        else:
+            w_mask = active[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        for k in range(row_start, row_end, BLOCK_K):
+            rows_next = k + BLOCK_K + ks  # [BLOCK_K]
+            x_next = tl.load(x_ptr + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
+            active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
+            if EVEN_N:
+                w_mask = active_next[:, None]
+            else:
+                w_mask = active_next[:, None] & col_ok[None, :]
+            w_next = tl.load(w_ptr + rows_next[:, None] * N + cols[None, :], mask=w_mask, other=0.0)
             # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
             acc += tl.where(active, x, 0.0)[:, None] * w.to(tl.float32)
-            x = x_next
+            x, active, w = x_next, active_next, w_next
         part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -128,22 +179,42 @@ def _sparse_gemv_kernel(
 
 @dataclass(frozen=True)
 class Config:
-    """One launch shape. split_k = cdiv(K, rows_per_program); rows_per_program is a multiple of block_k."""
+    """One launch shape. split_k = cdiv(K, rows_per_program); rows_per_program is a multiple of
+    block_k. compact: pack the active channels first (wins from ~50% sparsity on, costs 5-20% at 0%
+    where it needs wide blocks), else mask the weight rows of inactive channels in place."""
     block_n: int
     block_k: int
     rows_per_program: int
     num_warps: int
+    compact: bool
 
 
-# Candidates that tune() measures; each tile is 16 KB of bf16 and 64 fp32 accumulators a thread.
+# Candidates that tune() measures: (block_n, block_k, num_warps) tiles of 16 or 32 KB of bf16, 64 fp32
+# accumulators a thread, times rows per program, times the two loops.
 TILES = [(256, 32, 4), (256, 64, 8), (128, 64, 4), (512, 32, 8), (512, 16, 4), (1024, 16, 8)]
 ROWS_PER_PROGRAM = [128, 256, 512, 1024]
-CANDIDATES = [Config(n, k, r, w) for n, k, w in TILES for r in ROWS_PER_PROGRAM if r >= k]
+COMPACT_BLOCK = 1024  # the most rows one program compacts, in one pass
+CANDIDATES = [Config(n, k, r, w, c) for n, k, w in TILES for r in ROWS_PER_PROGRAM for c in (True, False)]
 
-# Chosen by scripts/benchmark_gemv.py (tune at 0% and 50% sparsity, bf16) on an H100 80GB HBM3,
-# keyed by (in_features, splits). The same config serves every sparsity, so more sparsity only
-# ever removes loads: the kernel stays monotone in sparsity.
-TUNED = {}
+# Chosen by scripts/benchmark_gemv.py (tune() at 0% and 50% sparsity, bf16) on an H100 80GB HBM3,
+# 2026-11-23, keyed by (in_features, splits). The same config serves every sparsity, so more
+# sparsity only ever removes loads: the kernel stays monotone in sparsity.
+TUNED = {
+    (4096, (4096, 4096, 4096)): Config(512, 16, 256, 4, False),  # llama-2-7b qkv
+    (4096, (4096,)): Config(128, 64, 512, 4, False),  # llama-2-7b o, llama-3-8b o
+    (4096, (11008, 11008)): Config(512, 16, 512, 4, False),  # llama-2-7b gate_up
+    (11008, (4096,)): Config(128, 64, 1024, 4, False),  # llama-2-7b down
+    (4096, (11008,)): Config(128, 64, 1024, 4, False),  # llama-2-7b gate
+    (4096, (4096, 1024, 1024)): Config(128, 64, 512, 4, False),  # llama-3-8b qkv
+    (4096, (14336, 14336)): Config(1024, 16, 1024, 8, True),  # llama-3-8b gate_up
+    (14336, (4096,)): Config(128, 64, 1024, 4, False),  # llama-3-8b down
+    (4096, (14336,)): Config(128, 64, 1024, 4, False),  # llama-3-8b gate
+    (8192, (8192, 1024, 1024)): Config(512, 16, 512, 4, False),  # llama-70b qkv
+    (8192, (8192,)): Config(128, 64, 1024, 4, False),  # llama-70b o
+    (8192, (28672, 28672)): Config(128, 64, 1024, 4, False),  # llama-70b gate_up
+    (28672, (8192,)): Config(128, 64, 1024, 4, False),  # llama-70b down
+    (8192, (28672,)): Config(1024, 16, 1024, 8, True),  # llama-70b gate
+}
 
 _tuned_here = {}  # tune() results of this process: (K, splits, dtype, BLOCK_M, device) -> Config
 tune_log = []  # every (key, config, microseconds) tune() measured, for the benchmark's record
@@ -156,13 +227,14 @@ def _sm_count(device):
 
 
 def default_config(K, splits, device):
-    """Without a tuned entry: 256-wide blocks and enough split-K programs to fill each SM 4 deep."""
-    block_n = min(256, max(16, triton.next_power_of_2(max(splits))))
-    block_k = 32
+    """Without a tuned entry: the masked loop on 128-wide blocks (the best dense-to-50% choice for
+    most tuned shapes) and enough split-K programs to fill each SM 3 deep."""
+    block_n = min(128, max(16, triton.next_power_of_2(max(splits))))
+    block_k = 64
     n_blocks = sum(triton.cdiv(w, block_n) for w in splits)
-    split_k = max(1, min(triton.cdiv(4 * _sm_count(device), n_blocks), triton.cdiv(K, block_k)))
+    split_k = max(1, min(triton.cdiv(3 * _sm_count(device), n_blocks), triton.cdiv(K, block_k)))
     rows = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    return Config(block_n, block_k, rows, 4)
+    return Config(block_n, block_k, rows, 4, False)
 
 
 def choose_config(K, splits, dtype, block_m, device):
@@ -171,30 +243,35 @@ def choose_config(K, splits, dtype, block_m, device):
 
 
 class _Workspace:
-    """fp32 partials and per-block arrival counters, shared by every call on one device.
+    """Scratch shared by every call on one device: fp32 partials, per-block arrival counters, and
+    the compacted active channels (int32 index, fp32 value) of each program.
 
     Calls on one stream run one after another and each leaves its counters at zero, so one
     workspace serves them all. Buffers only grow, and outside CUDA-graph capture; a replaced
     buffer is kept alive because a captured graph may still point at it.
     """
 
+    KINDS = {"partials": torch.float32, "counters": torch.int32, "index": torch.int32, "value": torch.float32}
+
     def __init__(self):
         self.buffers = {}
         self.retired = []
 
-    def get(self, device, n_partials, n_counters):
-        partials, counters = self.buffers.get(device, (None, None))
-        if partials is None or partials.numel() < n_partials or counters.numel() < n_counters:
+    def get(self, device, **sizes):
+        """sizes: elements needed per kind -> the buffers, in KINDS order."""
+        have = self.buffers.setdefault(device, {})
+        for kind, n in sizes.items():
+            old = have.get(kind)
+            if old is not None and old.numel() >= n:
+                continue
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("sparse_linear needs a larger workspace during CUDA-graph capture: "
                                    "call it once with this shape before capturing (sparse_kernels.warm_up)")
-            if partials is not None:
-                self.retired.append((partials, counters))
-                n_partials, n_counters = max(n_partials, 2 * partials.numel()), max(n_counters, 2 * counters.numel())
-            partials = torch.empty(max(n_partials, 1 << 16), dtype=torch.float32, device=device)
-            counters = torch.zeros(max(n_counters, 1 << 12), dtype=torch.int32, device=device)
-            self.buffers[device] = (partials, counters)
-        return partials, counters
+            if old is not None:
+                self.retired.append(old)
+                n = max(n, 2 * old.numel())
+            have[kind] = torch.zeros(max(n, 1 << 12), dtype=self.KINDS[kind], device=device)
+        return [have[kind] for kind in self.KINDS if kind in sizes]
 
 
 workspace = _Workspace()
@@ -224,19 +301,59 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None):
     split_k = triton.cdiv(K, rows)
     n_blocks = sum(triton.cdiv(w, cfg.block_n) for w in splits)
     bounds = [sum(splits[:i]) for i in range(1, MAX_SEGMENTS)] + [N] * (MAX_SEGMENTS - len(splits))
-    partials, counters = workspace.get(x.device, split_k * n_blocks * block_m * cfg.block_n, n_blocks)
+    compact = cfg.compact and block_m == 1 and rows <= COMPACT_BLOCK
+    slots = split_k * n_blocks * rows if compact else 1  # compacted channels, one slot per row a program owns
+    partials, counters, index, value = workspace.get(x.device, partials=split_k * n_blocks * block_m * cfg.block_n,
+                                                      counters=n_blocks, index=slots, value=slots)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     _sparse_gemv_kernel[(n_blocks, split_k)](
-        x, data, thresholds, y, partials, counters,
+        x, data, thresholds, y, partials, counters, index, value,
         M, K, N, bounds[0], bounds[1], rows,
         x.stride(0), y.stride(0), thresholds.stride(0),
         BLOCK_M=block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
         REDUCE_SPLITS=max(1, 16 // block_m), EVEN_N=all(w % cfg.block_n == 0 for w in splits),
         # fp32 weights need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
         DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
+        COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
         num_warps=cfg.num_warps,
     )
     return y
+
+
+def weight_copies(nbytes, device):
+    """How many copies of a weight of nbytes make 4x the L2: cycling through them, each call finds
+    its weight cold, as each layer's projection does in a decode step."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(2, triton.cdiv(4 * l2, nbytes))
+
+
+def time_in_graph(fns, flush_l2=False, replays=50):
+    """Median microseconds per call of fns, run back to back from one CUDA graph as a compiled
+    decode step runs them (eagerly, Python costs more than a small GEMV takes on the GPU).
+
+    Give fns that read enough distinct weights (weight_copies) to find them cold. flush_l2=True
+    times as triton's do_bench does, zeroing 256 MB before each replay: that leaves the L2 full of
+    dirty lines, and the timed calls pay for writing them back (about 12 us on an H100), a cost a
+    decode step, whose L2 holds the previous layer's clean weights, does not have.
+    """
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    if flush_l2:
+        return 1e3 * triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median") / len(fns)
+    for _ in range(3):
+        graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return 1e3 * sorted(s.elapsed_time(e) for s, e in events)[replays // 2] / len(fns)
 
 
 def tune(K, splits, dtype=torch.bfloat16, rows=1, device="cuda", sparsities=(0.0, 0.5), candidates=None):
@@ -245,19 +362,19 @@ def tune(K, splits, dtype=torch.bfloat16, rows=1, device="cuda", sparsities=(0.0
 
     Never call during CUDA-graph capture: it allocates and synchronizes. Call it (or warm_up) ahead.
     """
-    device = torch.device(device)
+    device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", the form calls key on
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("tune() cannot run during CUDA-graph capture; tune before capturing")
     N = sum(splits)
     block_m = 1 if rows == 1 else 16
-    W = torch.randn(K, N, device=device, dtype=dtype) * 0.02
+    Ws = [torch.randn(K, N, device=device, dtype=dtype) * 0.02 for _ in range(weight_copies(K * N * dtype.itemsize, device))]
     x = torch.randn(rows, K, device=device, dtype=dtype)
     best, best_time = None, float("inf")
     for cfg in candidates or CANDIDATES:
         times = []
         for s in sparsities:
             t = torch.full((len(splits),), torch.quantile(x.float().abs().flatten(), s).item() if s > 0 else 0.0, device=device)
-            times.append(1e3 * triton.testing.do_bench(lambda: sparse_gemv(x, W, t, splits, cfg), warmup=5, rep=20, return_mode="median"))
+            times.append(time_in_graph([lambda W=W: sparse_gemv(x, W, t, splits, cfg) for W in Ws]))
         tune_log.append(((K, tuple(splits), str(dtype), rows), cfg, times))
         total = sum(times)
         if total < best_time:

@@ -1,13 +1,14 @@
 """The Triton sparse GEMV against a float64 reference, on the CPU through the Triton interpreter.
 
-TRITON_INTERPRET=1 is set for this module only (fixture below): sparse_kernels imports its Triton
-kernel at the first call that runs it, so the kernel is built for the interpreter here, and other
-test modules keep the plain-torch CPU path.
+conftest.py builds triton and the kernel for the interpreter before any test imports triton;
+TRITON_INTERPRET=1 is then set for this module only (fixture below), so CPU tensors run the Triton
+kernel here while other test modules keep the faster plain-torch CPU path.
 
 Tolerances (relative Frobenius error vs float64): fp32 1e-5; bf16 and fp16 1e-2, typically ~2e-3
 for bf16 here because the interpreter rounds fp32 -> bf16 toward zero (the GPU rounds to nearest,
 ~1e-3) and ~3e-4 for fp16.
 """
+import dataclasses
 import math
 
 import pytest
@@ -28,7 +29,7 @@ def triton_interpreter():
         from sparse_kernels import gemv
 
         if type(gemv._sparse_gemv_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("sparse_kernels.gemv was imported without TRITON_INTERPRET=1 earlier in this process")
+            pytest.skip("triton was imported for a GPU (CUDA present): the interpreter tests need a CPU-only process")
         yield gemv
 
 
@@ -57,21 +58,33 @@ def check(y, ref, x, fmt):
         assert err < TOLERANCE[fmt], err
 
 
+@pytest.fixture(params=["masked", "compact"])
+def loop(request, triton_interpreter, monkeypatch):
+    """Run a test once with each of the kernel's two loops."""
+    gemv, default = triton_interpreter, triton_interpreter.default_config
+    compact = request.param == "compact"
+    monkeypatch.setattr(gemv, "default_config", lambda *a: dataclasses.replace(default(*a), compact=compact))
+    return gemv
+
+
 def poison_workspace(gemv, device="cpu"):
-    partials, _ = gemv.workspace.get(torch.device(device), 1, 1)
+    """NaN in every scratch value a kernel may read before writing it (indices: row 0, in bounds)."""
+    partials, _, index, value = gemv.workspace.get(torch.device(device), partials=1, counters=1, index=1, value=1)
     partials.fill_(math.nan)
+    value.fill_(math.nan)
+    index.fill_(0)
 
 
 @pytest.mark.parametrize("fmt", DTYPES)
 @pytest.mark.parametrize("in_f,out_f", [(1, 7), (7, 1), (100, 257), (257, 100), (1000, 1000)])
-def test_matches_float64(triton_interpreter, in_f, out_f, fmt):
+def test_matches_float64(loop, in_f, out_f, fmt):
     W = torch.randn(out_f, in_f).to(DTYPES[fmt])
     pw = pack_weight(W, fmt)
     for lead in [(), (1,), (1, 1), (3, 5)]:
         x = torch.randn(*lead, in_f).to(DTYPES[fmt])
         for kind in ["zero", "median", "q90", "inf", "negative"]:
             t = threshold(x, kind)
-            poison_workspace(triton_interpreter)
+            poison_workspace(loop)
             y = sparse_linear(x, pw, torch.tensor(t))
             check(y, reference(x, W, t, pw.splits), x, fmt)
             if kind == "inf":
@@ -81,14 +94,14 @@ def test_matches_float64(triton_interpreter, in_f, out_f, fmt):
 @pytest.mark.parametrize("fmt", ["bf16", "fp16"])
 @pytest.mark.parametrize("in_f,splits", [(257, (100, 30, 30)), (100, (77, 77)), (1000, (512, 128, 128)), (7, (1, 6))])
 @pytest.mark.parametrize("rows", [1, 4])
-def test_segments(triton_interpreter, in_f, splits, rows, fmt):
+def test_segments(loop, in_f, splits, rows, fmt):
     W = torch.randn(sum(splits), in_f).to(DTYPES[fmt])
     pw = pack_weight(W, fmt, splits)
     x = torch.randn(rows, in_f).to(DTYPES[fmt])
     kinds = [["median", "q90", "zero"], ["inf", "negative", "median"], ["q90", "median", "inf"]]
     for ks in kinds:
         t = torch.tensor([threshold(x, k) for k in ks[:len(splits)]])
-        poison_workspace(triton_interpreter)
+        poison_workspace(loop)
         y = sparse_linear(x, pw, t)
         ref = reference(x, W, t, splits)
         check(y, ref, x, fmt)
@@ -97,7 +110,8 @@ def test_segments(triton_interpreter, in_f, splits, rows, fmt):
                 assert (y[..., start:start + width] == 0).all()
 
 
-@pytest.mark.parametrize("config", [None, (16, 16, 16, 4), (32, 16, 48, 4), (64, 32, 1024, 4), (128, 16, 32, 8)])
+@pytest.mark.parametrize("config", [None, (16, 16, 16, 4, True), (32, 16, 48, 4, True), (64, 32, 1024, 4, True),
+                                    (128, 16, 32, 8, True), (32, 16, 48, 4, False), (64, 32, 1024, 4, False)])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_every_output_written(triton_interpreter, config, rows):
     """Block sizes that do and do not divide the segments, one split or several (the last one
@@ -112,7 +126,7 @@ def test_every_output_written(triton_interpreter, config, rows):
     out = torch.full((rows, sum(splits)), math.nan, dtype=torch.bfloat16)
     y = gemv.sparse_gemv(x, pack_weight(W, "bf16", splits).data, t, splits, cfg, out=out)
     check(y, reference(x, W, t, splits), x, "bf16")
-    _, counters = gemv.workspace.get(torch.device("cpu"), 1, 1)
+    (counters,) = gemv.workspace.get(torch.device("cpu"), counters=1)
     assert (counters == 0).all(), "the last program of each block resets its counter"
 
 
