@@ -255,9 +255,9 @@ class Streamer:
         return text
 
 
-def cli():
+def cli(argv=None):
     try:
-        main()
+        main(argv)
     except (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -326,7 +326,7 @@ def read_checkpoint_metadata(path):
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e})") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file (convert it with scripts/convert_hf_checkpoint.py or scripts/convert_gguf.py)")
     if int(meta.get("version", 0)) > CHECKPOINT_VERSION:

@@ -1,0 +1,73 @@
+"""The compiled decode step (CPU inductor here; CUDA graphs on a GPU): same tokens as eager, one
+graph for every sparsity, and the decode benchmark running end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import generate
+from model import ModelArgs, Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs.from_name("tiny"))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.normal_(0, 1.0 if "norm" in name or "embeddings" in name else 0.1)
+        for proj in m.projections():
+            proj.weight.data.normal_(0, proj.weight.in_features ** -0.5)
+    m.setup_caches(1, 64)
+    return m.eval()
+
+
+def thresholds_at(model, level, seed):
+    g = torch.Generator().manual_seed(seed)
+    return level * (0.5 + torch.rand(model.config.n_layer, 7, generator=g))
+
+
+def test_compiled_sparse_decode_matches_eager_without_recompiling(model):
+    torch._dynamo.reset()
+    decode = generate.compile_decode()
+    prompt = torch.tensor([3, 1, 4, 1, 5], dtype=torch.int)
+    for i, level in enumerate((0.3, 0.6, 0.0)):
+        model.set_thresholds(thresholds_at(model, level, seed=i))
+        eager = generate.generate(model, prompt, 16, generate.decode_one_token, True)
+        before = counters["stats"]["unique_graphs"]
+        compiled = generate.generate(model, prompt, 16, decode, True)
+        assert compiled.tolist() == eager.tolist()
+        if i > 0:
+            assert counters["stats"]["unique_graphs"] == before, "new thresholds recompiled the decode step"
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    model.set_thresholds(torch.zeros(model.config.n_layer, 7))
+
+
+def test_thresholds_change_the_tokens(model):
+    """Guards the test above against thresholds that do nothing."""
+    prompt = torch.tensor([3, 1, 4, 1, 5], dtype=torch.int)
+    dense = generate.generate(model, prompt, 16, generate.decode_one_token, False)
+    model.set_thresholds(thresholds_at(model, 0.6, seed=1))
+    sparse = generate.generate(model, prompt, 16, generate.decode_one_token, True)
+    model.set_thresholds(torch.zeros(model.config.n_layer, 7))
+    assert sparse.tolist() != dense.tolist()
+
+
+def test_benchmark_decode_smoke(tmp_path):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "scripts.benchmark_decode", "--model", "tiny", "--device", "cpu", "--no-compile",
+                           "--sparsities", "0.25,0.5", "--new-tokens", "6", "--runs", "1", "--calibration-windows", "4",
+                           "--calibration-length", "48", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["dense", "sparse 0.25", "sparse 0.5"]
+    dense, quarter, half = result["rows"]
+    assert dense["measured_sparsity"] == 0 and quarter["measured_sparsity"] < half["measured_sparsity"]
+    assert half["bytes_per_token"] < quarter["bytes_per_token"] < dense["bytes_per_token"]
+    assert out.with_suffix(".png").stat().st_size > 0 and "| sparse 0.5 |" in out.with_suffix(".md").read_text()
