@@ -123,7 +123,7 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.kv_cache is None:
+        if input_pos is None:  # a cache-free causal pass over the sequence
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
@@ -207,6 +207,8 @@ class Transformer(nn.Module):
         rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, head_dim) each
         mask = None
         if input_pos is not None:
+            if self.layers[0].attention.kv_cache is None:
+                raise RuntimeError("input_pos given but no KV cache: call setup_caches first")
             # Query at position p sees cache slots 0..p; slots beyond are stale or empty.
             cache_len = self.layers[0].attention.kv_cache.k.shape[2]
             mask = input_pos[:, None] >= torch.arange(cache_len, device=idx.device)  # (T, cache_len)
