@@ -336,6 +336,22 @@ def read_checkpoint_metadata(path):
     return meta
 
 
+def load_weights(model, state, assign=False):
+    """load_state_dict with a checkpoint's checks: every weight there, nothing extra, the tie kept.
+
+    assign=True takes state's tensors as they are (no copy: converters build on the meta device)."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights do not fit the config: {str(e).splitlines()[-1].strip()}") from None
+    if model.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+        missing = [k for k in missing if k != "output.weight"]
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
 def load_checkpoint(path, device="cpu", dtype=torch.float32):
     """-> (Transformer on device in dtype, metadata dict)."""
     from safetensors.torch import load_file
@@ -352,12 +368,7 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
     cos, sin = rope_table(config)
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "output.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    load_weights(model, state)
     for p in model.projections():
         p.thresholds.zero_()
     model.record_sparsity(False)

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import tokenizer as tok
-from model import CheckpointError, ModelArgs, Transformer, read_checkpoint_metadata, save_checkpoint
+from model import CheckpointError, ModelArgs, Transformer, load_weights, read_checkpoint_metadata, save_checkpoint
 
 DEFAULT_NAME = "smollm2-135m-instruct"
 DEFAULT_CONFIG = "smollm2-135m"  # the config table entry the bundled model must match
@@ -177,19 +177,10 @@ def gguf_state_dict(reader, config):
 
 
 def build_model(config, state):
-    """A Transformer holding state's tensors (no copy); load_state_dict checks names and shapes."""
+    """A Transformer holding state's tensors (no copy); names and shapes are checked."""
     with torch.device("meta"):
         model = Transformer(config, dtype=torch.float32)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:
-        raise ConversionError(f"weights do not fit the config: {str(e).splitlines()[-1].strip()}") from None
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-        missing = [k for k in missing if k != "output.weight"]
-    if missing or unexpected:
-        raise ConversionError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model
+    return load_weights(model, state, assign=True)
 
 
 def convert(gguf_path, out_dir, name, force=False):

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import tokenizer as tok
-from model import CheckpointError, ModelArgs, Transformer, read_checkpoint_metadata, save_checkpoint
+from model import CheckpointError, ModelArgs, Transformer, load_weights, read_checkpoint_metadata, save_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LLAMA3_RANKS = 128000  # Llama-3's tiktoken file holds ids below this; its 256 specials follow
@@ -239,19 +239,10 @@ def llama3_tiktoken_args(path, tc):
 
 
 def build_model(config, state, dtype):
-    """A Transformer holding state's tensors (no copy); load_state_dict checks names and shapes."""
+    """A Transformer holding state's tensors (no copy); names and shapes are checked."""
     with torch.device("meta"):
         model = Transformer(config, dtype=dtype)
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as e:
-        raise ConversionError(f"weights do not fit the config: {str(e).splitlines()[-1].strip()}") from None
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-        missing = [k for k in missing if k != "output.weight"]
-    if missing or unexpected:
-        raise ConversionError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model
+    return load_weights(model, state, assign=True)
 
 
 def convert(hf_dir, out_dir, name, dtype=None, force=False):

@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 
-import sparse_kernels
 from sparse_kernels import pack_weight, sparse_linear
 from sparse_kernels.ops import MAX_KERNEL_ROWS, sparse_linear_op
 

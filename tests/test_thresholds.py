@@ -1,6 +1,5 @@
 """Calibration and the thresholds file: tiny random models always, the default model when it and
 the fetched text are available."""
-import json
 import os
 import subprocess
 import sys
