@@ -11,7 +11,6 @@ import pytest
 
 from tokenizer import TokenizerError, load_tokenizer, save_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 
 PROSE = """The 3 ships left port on 12 March 1851, at   7:45 in the morning; by the 20th only 2 remained.
 Captain O'Neill's log reads:\t"Wind 15-20 knots, heading 270°, 4,500 leagues to go."  She'd said they'll
