@@ -5,7 +5,6 @@ differs from the original on whitespace before digits."""
 import argparse
 import json
 import random
-from pathlib import Path
 
 import pytest
 
