@@ -38,9 +38,9 @@ def sample(logits, temperature, top_k):
     return multinomial_sample_one_no_sync(torch.softmax(logits, dim=-1))
 
 
-def prefill(model, x, input_pos, temperature, top_k):
-    # x: (B, T) prompt; dense unless the model is asked otherwise.
-    return sample(model(x, input_pos, sparse=False), temperature, top_k)
+def prefill(model, x, input_pos, sparse, temperature, top_k):
+    # x: (B, T) prompt; TEAL keeps it dense: prefill is compute-bound, skipping rows buys little.
+    return sample(model(x, input_pos, sparse=sparse), temperature, top_k)
 
 
 def decode_one_token(model, x, input_pos, sparse, temperature, top_k):
@@ -48,7 +48,7 @@ def decode_one_token(model, x, input_pos, sparse, temperature, top_k):
     return sample(model(x, input_pos, sparse=sparse), temperature, top_k)
 
 
-def decode_n_tokens(decode, model, cur_token, input_pos, n, sparse, temperature, top_k, stop_ids=(), callback=None):
+def decode_n_tokens(decode, model, cur_token, input_pos, n, sparse, temperature, top_k, callback=None):
     tokens = []
     for _ in range(n):
         next_token = decode(model, cur_token, input_pos, sparse, temperature, top_k).clone()
@@ -61,12 +61,15 @@ def decode_n_tokens(decode, model, cur_token, input_pos, n, sparse, temperature,
 
 
 @torch.no_grad()
-def generate(model, prompt, max_new_tokens, decode=decode_one_token, sparse=True, temperature=0.0, top_k=None, callback=None):
-    """prompt: (T,) token ids -> (T + new,) ids; the cache must hold T + max_new_tokens."""
+def generate(model, prompt, max_new_tokens, decode=decode_one_token, sparse=True, temperature=0.0, top_k=None, callback=None,
+             sparse_prefill=False):
+    """prompt: (T,) token ids -> (T + new,) ids; the cache must hold T + max_new_tokens.
+
+    callback(token) sees each new token and returns True to stop (an end-of-sequence token)."""
     T = prompt.numel()
     device = prompt.device
     input_pos = torch.arange(T, device=device)
-    first = prefill(model, prompt.view(1, -1), input_pos, temperature, top_k)
+    first = prefill(model, prompt.view(1, -1), input_pos, sparse_prefill, temperature, top_k)
     if callback is not None and callback(first):
         return torch.cat([prompt, first.view(-1)])
     input_pos = torch.tensor([T], device=device)
@@ -119,7 +122,8 @@ def load_thresholds(model, meta, ckpt_dir, path, sparsity, method):
 
 
 def bytes_per_token(model, sparsity):
-    """Bytes a decode step reads: each projection's weight times its kept fraction, plus the rest."""
+    """Bytes a decode step reads: each projection's weight times its kept fraction, plus lm_head.
+    Norms, one embedding row and the KV cache are left out (under 1% at a few hundred tokens)."""
     total = model.output.weight.numel() * model.output.weight.element_size()
     for layer, row in zip(model.layers, sparsity):
         for proj, cols in layer.projections():
@@ -144,6 +148,7 @@ def parse_args(argv=None):
     p.add_argument("--thresholds", help="thresholds file (default: the one that goes with the checkpoint)")
     p.add_argument("--method", choices=("greedy", "uniform"), default="greedy", help="per-projection sparsities (greedy, when the file has them) or one for all")
     p.add_argument("--dense", action="store_true", help="decode with plain matmuls (the baseline)")
+    p.add_argument("--sparse-prefill", action="store_true", help="threshold the prompt's projections too (TEAL keeps prefill dense)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step into a CUDA graph")
@@ -208,7 +213,7 @@ def main(argv=None):
         model.record_sparsity(sparse)
         sync(device)
         t0 = time.perf_counter()
-        out = generate(model, prompt, args.max_new_tokens, decode, sparse, args.temperature, args.top_k, callback=streamed)
+        out = generate(model, prompt, args.max_new_tokens, decode, sparse, args.temperature, args.top_k, streamed, args.sparse_prefill and sparse)
         sync(device)
         elapsed = time.perf_counter() - t0
         reply = streamed.finish()

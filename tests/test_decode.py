@@ -71,3 +71,16 @@ def test_benchmark_decode_smoke(tmp_path):
     assert dense["measured_sparsity"] == 0 and quarter["measured_sparsity"] < half["measured_sparsity"]
     assert half["bytes_per_token"] < quarter["bytes_per_token"] < dense["bytes_per_token"]
     assert out.with_suffix(".png").stat().st_size > 0 and "| sparse 0.5 |" in out.with_suffix(".md").read_text()
+
+
+def test_prefill_is_dense_unless_asked(model):
+    prompt = torch.tensor([3, 1, 4, 1, 5], dtype=torch.int)
+    model.set_thresholds(thresholds_at(model, 0.6, seed=1))
+    seen = {}
+    for sparse_prefill in (False, True):
+        model.record_sparsity(True)
+        generate.generate(model, prompt, 1, sparse=True, sparse_prefill=sparse_prefill)  # one token: prefill only
+        seen[sparse_prefill] = sum(float(p.seen) for p in model.projections())
+    model.record_sparsity(False)
+    model.set_thresholds(torch.zeros(model.config.n_layer, 7))
+    assert seen[False] == 0 and seen[True] > 0
