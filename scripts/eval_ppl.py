@@ -1,6 +1,7 @@
 """Perplexity of a checkpoint at several sparsities, by the TEAL paper's protocol.
 
     python -m scripts.eval_ppl --sparsities 0,0.25,0.5 --windows 8 --out ppl.json
+    python -m scripts.eval_ppl --method uniform     # one sparsity for every projection
 
 Windows of C tokens (2048 where the model allows) spread evenly over the text; the first C - E
 tokens are a dense context, the last E = 512 are thresholded and scored, as decoded tokens would
@@ -47,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--windows", type=int, default=16, help="number of windows")
     p.add_argument("--window-length", type=int, default=2048, help="C (capped at the model's maximum)")
     p.add_argument("--scored", type=int, default=512, help="E: the thresholded, scored tokens at each window's end")
-    p.add_argument("--method", choices=thresholds.METHODS, default="uniform")
+    p.add_argument("--method", choices=thresholds.METHODS, default="greedy",
+                   help="per-projection sparsities from the file's greedy rows (uniform where it has none), or one for all")
     p.add_argument("--thresholds", type=Path, help="thresholds file (default: the one that goes with the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
@@ -122,6 +124,8 @@ def main(argv=None):
     except ValueError as e:
         raise UsageError(str(e)) from None
 
+    # What actually ran: a file without greedy rows serves "greedy" with uniform thresholds.
+    method = "greedy" if args.method == "greedy" and table is not None and table.greedy is not None else "uniform"
     n_layer = model.config.n_layer
     settings = [table.at(s, args.method) if s > 0 else torch.zeros(n_layer, len(PROJECTIONS)) for s in args.sparsities]
     t0 = time.perf_counter()
@@ -134,11 +138,11 @@ def main(argv=None):
                  measured_per_layer=[[round(v, 5) for v in row] for row in r["measured"].tolist()])
             for s, r in zip(args.sparsities, results)]
     print(f"{meta.get('name', ckpt)}: {args.windows} windows of {C} tokens, last {args.scored} scored "
-          f"({results[0]['tokens']} tokens), {args.method} thresholds, {dtype_name} on {args.device}, {seconds:.0f} s")
+          f"({results[0]['tokens']} tokens), {method} thresholds, {dtype_name} on {args.device}, {seconds:.0f} s")
     print_table(rows)
     if args.out:
         write_json_atomic(args.out, dict(
-            checkpoint=meta.get("name", str(ckpt)), fingerprint=meta["fingerprint"], method=args.method,
+            checkpoint=meta.get("name", str(ckpt)), fingerprint=meta["fingerprint"], method=method,
             thresholds=shown(table_path) if table_path else None, text=[p.name for p in args.text], text_tokens=len(ids),
             windows=args.windows, window_length=C, scored=args.scored, tokens_scored=results[0]["tokens"],
             device=args.device, dtype=dtype_name, seconds=round(seconds, 1), results=rows))

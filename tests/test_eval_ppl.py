@@ -148,3 +148,5 @@ def test_eval_ppl_script_end_to_end(tmp_path):
     assert doc["results"][0]["ppl"] < doc["results"][1]["ppl"]
     assert abs(doc["results"][1]["measured"] - 0.5) < 0.05
     assert "vs dense" in done.stdout
+    # --method greedy is the default: greedy rows where the file has them, uniform otherwise.
+    assert doc["method"] == ("greedy" if thresholds.load(SHIPPED).greedy is not None else "uniform")

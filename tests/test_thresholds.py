@@ -125,7 +125,7 @@ def test_refuses_another_model(tiny, tmp_path):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda text: text[:len(text) // 2], "not valid JSON"),
-    (lambda text: text.replace('"version": 1', '"version": 99'), "version 99; this code reads up to 1"),
+    (lambda text: text.replace('"version": 2', '"version": 99'), "version 99; this code reads up to 2"),
     (lambda text: text.replace('"format": "teal-thresholds"', '"format": "other"'), "not a teal-thresholds file"),
     (lambda text: text.replace('"uniform"', '"thresholds"'), "corrupt"),
     (lambda text: text.replace("[0.0, ", "[0.5, ", 2), "corrupt"),

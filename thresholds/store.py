@@ -1,6 +1,6 @@
 """The thresholds file: per (layer, projection) thresholds on a sparsity grid, tied to one model.
 
-A JSON document (version 1):
+A JSON document (version 2):
 
     format        "teal-thresholds"
     version       1; a reader refuses newer versions
@@ -15,8 +15,20 @@ A JSON document (version 1):
     uniform       [n_layer][7][len(grid)]: the threshold t such that a fraction grid[i] of that
                   projection's input entries has fp32 |x| <= t; exactly 0 at sparsity 0
 
-Any sparsity between grid points interpolates linearly. Later versions add fields (greedy rows);
-a reader of version n reads every version up to n.
+Any sparsity between grid points interpolates linearly.
+
+Version 2 adds, optionally:
+
+    greedy        the block-wise greedy search's result (thresholds/greedy.py):
+      search      how it was made: text, windows, window_length, tail, step, inputs, dtype, ...
+      rows        [n_layer][K][8]: per block, rows of (effective sparsity, then the seven
+                  projections' sparsities), effective rising from 0 to at least 0.9
+      error       [n_layer][K]: each row's block output error, relative to the dense output
+
+At a model-wide sparsity s, "greedy" takes each block's row at effective s (interpolating
+between rows) and reads each projection's threshold at its own sparsity off the uniform table.
+A file without greedy rows (every version-1 file) serves "greedy" with uniform thresholds.
+A reader of version n reads every version up to n.
 """
 import json
 import os
@@ -29,7 +41,7 @@ import torch
 from model import PROJECTIONS
 
 FORMAT = "teal-thresholds"
-VERSION = 1
+VERSION = 2
 METHODS = ("uniform", "greedy")
 SHIPPED = Path(__file__).resolve().parent / "files"
 
@@ -46,6 +58,9 @@ class Thresholds:
     name: str = ""
     fingerprint: str = ""
     calibration: dict = field(default_factory=dict)
+    greedy: list = None  # [n_layer] fp64 tensors [K, 8]: effective sparsity, then the seven; or None
+    greedy_error: list = None  # [n_layer] fp64 tensors [K]: each row's relative block error
+    greedy_search: dict = field(default_factory=dict)  # how the greedy rows were made
 
     def at(self, sparsity, method="uniform"):
         """-> [n_layer, 7] fp32 thresholds for a model-wide sparsity, for model.set_thresholds.
@@ -54,8 +69,24 @@ class Thresholds:
         """
         if method not in METHODS:
             raise ThresholdsError(f"unknown thresholds method {method!r}; expected one of {', '.join(METHODS)}")
+        if method == "greedy" and self.greedy is not None:
+            return self.for_sparsities(self.greedy_sparsities(sparsity))
         n_layer = self.uniform.shape[0]
         return self.for_sparsities(torch.full((n_layer, len(PROJECTIONS)), float(sparsity), dtype=torch.float64))
+
+    def greedy_sparsities(self, sparsity):
+        """-> [n_layer, 7] fp64: each block's greedy row at effective `sparsity`, interpolated
+        linearly between the rows around it (so each block's effective sparsity is exactly it)."""
+        top = min(float(rows[-1, 0]) for rows in self.greedy)
+        if not 0 <= sparsity <= top:
+            raise ThresholdsError(f"greedy sparsity must be in [0, {top:g}] (the searched rows), got {sparsity:g}; use uniform above")
+        out = []
+        for rows in self.greedy:
+            lo = int(torch.searchsorted(rows[:, 0].contiguous(), torch.tensor([float(sparsity)], dtype=torch.float64), right=True)) - 1
+            lo = min(lo, len(rows) - 2)
+            w = (sparsity - rows[lo, 0]) / (rows[lo + 1, 0] - rows[lo, 0])
+            out.append(rows[lo, 1:] + w * (rows[lo + 1, 1:] - rows[lo, 1:]))
+        return torch.stack(out)
 
     def for_sparsities(self, sparsities):
         """sparsities: [n_layer, 7], one per (layer, projection) -> [n_layer, 7] fp32 thresholds,
@@ -79,6 +110,10 @@ class Thresholds:
                "grid": [round(s, 6) for s in self.grid],
                # 9 significant digits round-trip fp32 exactly.
                "uniform": [[[float(f"{t:.9g}") for t in row] for row in layer] for layer in self.uniform.tolist()]}
+        if self.greedy is not None:
+            doc["greedy"] = {"search": self.greedy_search,
+                             "rows": [[[float(f"{v:.9g}") for v in row] for row in rows.tolist()] for rows in self.greedy],
+                             "error": [[float(f"{v:.6g}") for v in e.tolist()] for e in self.greedy_error]}
         text = json.dumps(doc, indent=1)
         # One line per innermost list (a projection's thresholds over the grid), not per number.
         return re.sub(r"\[\s+([^\[\]]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
@@ -121,8 +156,29 @@ def parse(doc, where):
         raise ThresholdsError(f"{where} is corrupt (uniform has shape {tuple(uniform.shape)}, expected ({n_layer}, {len(PROJECTIONS)}, {len(grid)}))")
     if not bool(torch.isfinite(uniform).all()) or bool((uniform.diff(dim=-1) < 0).any()) or bool((uniform[..., 0] != 0).any()):
         raise ThresholdsError(f"{where} is corrupt (thresholds must be finite, 0 at sparsity 0, and rise with sparsity)")
-    return Thresholds(grid=grid, uniform=uniform, config=config, name=doc.get("name", ""),
-                      fingerprint=doc.get("fingerprint", ""), calibration=doc.get("calibration", {}))
+    t = Thresholds(grid=grid, uniform=uniform, config=config, name=doc.get("name", ""),
+                   fingerprint=doc.get("fingerprint", ""), calibration=doc.get("calibration", {}))
+    if "greedy" in doc:
+        t.greedy, t.greedy_error, t.greedy_search = parse_greedy(doc["greedy"], n_layer, grid[-1], where)
+    return t
+
+
+def parse_greedy(greedy, n_layer, top, where):
+    """The greedy field -> (rows, errors, search), checking what greedy_sparsities relies on."""
+    try:
+        rows = [torch.tensor(r, dtype=torch.float64) for r in greedy["rows"]]
+        errors = [torch.tensor(e, dtype=torch.float64) for e in greedy["error"]]
+        search = dict(greedy.get("search", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ThresholdsError(f"{where} is corrupt (greedy: {type(e).__name__}: {e})") from None
+    if len(rows) != n_layer or len(errors) != n_layer:
+        raise ThresholdsError(f"{where} is corrupt (greedy rows for {len(rows)} blocks, expected {n_layer})")
+    for r, e in zip(rows, errors):
+        if r.dim() != 2 or r.shape[0] < 2 or r.shape[1] != 1 + len(PROJECTIONS) or e.shape != r.shape[:1]:
+            raise ThresholdsError(f"{where} is corrupt (greedy rows must be at least 2 rows of {1 + len(PROJECTIONS)} numbers, with one error each)")
+        if r[0, 0] != 0 or bool((r[:, 0].diff() <= 0).any()) or bool((r[:, 1:] < 0).any()) or bool((r[:, 1:] > top).any()):
+            raise ThresholdsError(f"{where} is corrupt (greedy rows must start at 0, rise in effective sparsity, and stay in [0, {top}])")
+    return rows, errors, search
 
 
 def load(path, fingerprint=None, config=None):

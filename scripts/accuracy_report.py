@@ -1,0 +1,182 @@
+"""Accuracy report: perplexity under uniform and greedy thresholds on held-out prose.
+
+    python -m scripts.accuracy_report               # the bundled model -> benchmarks/results/
+
+The TEAL paper's protocol (thresholds.perplexity, as scripts/eval_ppl.py): windows of C tokens
+(2048 where the model allows) spread over the text, the first C - E a dense context, the last
+E = 512 thresholded and scored; every setting sees the same windows and the same prefill. Next
+to each perplexity, the model-wide sparsity measured while scoring (weight-weighted).
+
+Writes accuracy_<name>.json, .md (the table) and .png (perplexity against sparsity).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import thresholds
+from model import PROJECTIONS, CheckpointError, load_checkpoint
+from tokenizer import TokenizerError, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = Path(os.environ.get("TEAL_CACHE", Path.home() / ".cache" / "teal")) / "smollm2-135m-instruct"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+METHODS = ("uniform", "greedy")
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint dir or model.safetensors (default: the bundled model)")
+    p.add_argument("--thresholds", type=Path, help="thresholds file with greedy rows (default: the one that goes with the checkpoint)")
+    p.add_argument("--text", type=Path, nargs="+", help="held-out text files, not used for calibration (default: data/heldout/*.txt)")
+    p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7", help="comma-separated, each in (0, 0.9]; dense is always included")
+    p.add_argument("--windows", type=int, default=8, help="number of windows")
+    p.add_argument("--window-length", type=int, default=2048, help="C (capped at the model's maximum)")
+    p.add_argument("--scored", type=int, default=512, help="E: the thresholded, scored tokens at each window's end")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    try:
+        args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    except ValueError:
+        raise UsageError(f"--sparsities expects comma-separated numbers, got {args.sparsities!r}") from None
+    if any(not 0 < s <= 0.9 for s in args.sparsities):
+        raise UsageError(f"--sparsities must each be in (0, 0.9], got {args.sparsities}")
+    if args.windows < 1 or args.scored < 1:
+        raise UsageError("--windows and --scored must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asked for, but no CUDA GPU is available")
+    args.text = args.text or sorted((REPO / "data" / "heldout").glob("*.txt"))
+    if not args.text:
+        raise UsageError(f"no held-out text in {REPO / 'data' / 'heldout'} (run python scripts/fetch_text.py)")
+    for path in args.text:
+        if not path.is_file():
+            raise UsageError(f"text not found: {path}")
+    return args
+
+
+def markdown(doc):
+    """The report's table: one line per sparsity, uniform and greedy side by side."""
+    dense = doc["dense"]["ppl"]
+    by = {(r["method"], r["sparsity"]): r for r in doc["results"]}
+    lines = [f"Perplexity of {doc['checkpoint']} on {', '.join(doc['text'])} ({doc['windows']} windows of {doc['window_length']} tokens, "
+             f"last {doc['scored']} thresholded and scored; {doc['dtype']} on {doc['device']}). Measured: the model-wide sparsity "
+             "while scoring, each projection weighted by its weight count.", "",
+             "| sparsity | uniform ppl | vs dense | measured | greedy ppl | vs dense | measured |",
+             "|---:|---:|---:|---:|---:|---:|---:|",
+             f"| 0 (dense) | {dense:.2f} | | {doc['dense']['measured']:.3f} | {dense:.2f} | | {doc['dense']['measured']:.3f} |"]
+    for s in doc["sparsities"]:
+        cells = []
+        for m in METHODS:
+            r = by[(m, s)]
+            cells += [f"{r['ppl']:.2f}", f"{100 * (r['ppl'] / dense - 1):+.1f}%", f"{r['measured']:.3f}"]
+        lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    dense = doc["dense"]
+    for m, marker in zip(METHODS, "os"):
+        rows = [dense] + [r for r in doc["results"] if r["method"] == m]
+        ax.plot([r["measured"] for r in rows], [r["ppl"] for r in rows], marker=marker, label=m)
+    ax.axhline(dense["ppl"], color="gray", lw=0.8, ls="--", label=f"dense ({dense['ppl']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured model-wide sparsity")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title(f"{doc['checkpoint']}: held-out {doc['tokens_scored']} tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f"tmp{os.getpid()}.{path.name}")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def shown(path):
+    """A path as the JSON records it: relative to the repo when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
+    if not ckpt.is_file():
+        raise UsageError(f"checkpoint not found: {ckpt} (convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)")
+    dtype_name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    model, meta = load_checkpoint(ckpt, device=args.device, dtype=DTYPES[dtype_name])
+    path = args.thresholds or thresholds.find_thresholds(ckpt.parent, meta["fingerprint"])
+    if path is None:
+        raise UsageError(f"no thresholds file for {meta.get('name', ckpt)} (make one with python -m scripts.calibrate, or pass --thresholds)")
+    table = thresholds.load(path, fingerprint=meta["fingerprint"], config=model.config)
+    if table.greedy is None:
+        raise UsageError(f"{path} has no greedy rows (add them with python -m scripts.greedy_search)")
+    tokenizer = load_tokenizer(ckpt.parent)
+
+    # Each file is one document: a bos (if the model uses one) at its start, then its tokens.
+    ids = [i for p in args.text for i in tokenizer.encode(p.read_text(encoding="utf-8"), bos=tokenizer.add_bos)]
+    C = min(args.window_length, model.config.block_size)
+    if args.scored >= C:
+        raise UsageError(f"--scored {args.scored} must be below the window length {C}")
+    try:
+        windows = thresholds.token_windows(ids, args.windows, C + 1)  # + 1: the last position's label
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    n_layer = model.config.n_layer
+    runs = [("dense", 0.0)] + [(m, s) for m in METHODS for s in args.sparsities]
+    settings = [torch.zeros(n_layer, len(PROJECTIONS)) if m == "dense" else table.at(s, m) for m, s in runs]
+    t0 = time.perf_counter()
+    results = thresholds.perplexity(model, windows, settings, scored=args.scored)
+    seconds = time.perf_counter() - t0
+
+    sizes = model.projection_sizes()
+    rows = [dict(method=m, sparsity=s, ppl=r["ppl"], nll=r["nll"], measured=thresholds.model_wide(r["measured"], sizes),
+                 measured_per_projection={p: round(v, 5) for p, v in zip(PROJECTIONS, r["measured"].mean(0).tolist())})
+            for (m, s), r in zip(runs, results)]
+    name = meta.get("name", ckpt.parent.name)
+    doc = dict(checkpoint=name, fingerprint=meta["fingerprint"], thresholds=shown(path), calibration=table.calibration,
+               greedy_search=table.greedy_search, text=[p.name for p in args.text], text_tokens=len(ids), windows=args.windows,
+               window_length=C, scored=args.scored, tokens_scored=results[0]["tokens"], device=args.device, dtype=dtype_name,
+               seconds=round(seconds, 1), sparsities=args.sparsities, dense=rows[0], results=rows[1:])
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.out_dir / f"accuracy_{name}"
+    write_atomic(stem.with_suffix(".json"), json.dumps(doc, indent=1) + "\n")
+    write_atomic(stem.with_suffix(".md"), markdown(doc))
+    plot(doc, stem.with_suffix(".png"))
+    print(markdown(doc))
+    print(f"{seconds:.0f} s; wrote {stem}.json, .md, .png")
+
+
+def cli(argv=None):
+    try:
+        main(argv)
+    except (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cli()

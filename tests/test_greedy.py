@@ -1,0 +1,224 @@
+"""The block-wise greedy search (thresholds/greedy.py), its rows in the thresholds file, and the
+scripts around it: tiny random models always, the default model when it is available."""
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import thresholds
+from model import PROJECTIONS
+from thresholds import ThresholdsError, greedy
+from tests.test_thresholds import DEFAULT, SHIPPED, default_model, heldout_ids, random_model, random_windows
+
+REPO = Path(__file__).resolve().parents[1]
+TAIL = 16
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random model, its uniform table, and greedy rows searched on other windows."""
+    model = random_model()
+    table = thresholds.calibrate(model, random_windows(model, 32, 64, seed=1), skip=32)
+    windows = random_windows(model, 4, 64, seed=2)
+    rows, errors = greedy.greedy_search(model, windows, table, TAIL, step=0.02)
+    return model, replace(table, greedy=rows, greedy_error=errors), windows
+
+
+def test_step_sizes_skip_equal_weight_shares():
+    sizes = random_model().projection_sizes()
+    steps = greedy.step_sizes(sizes, 0.01)
+    # Each projection's step skips the same number of weights: a share `step` of the block's.
+    assert torch.allclose(steps * sizes / sizes.sum(), torch.full((7,), 0.01, dtype=torch.float64))
+    one_hot = torch.eye(7, dtype=torch.float64)
+    assert torch.allclose(greedy.effective_sparsity(one_hot, sizes), sizes / sizes.sum())
+
+
+def test_rows_rise_from_zero_to_top(tiny):
+    model, table, _ = tiny
+    sizes = model.projection_sizes()
+    for rows, errors in zip(table.greedy, table.greedy_error):
+        assert torch.equal(rows[0], torch.zeros(8, dtype=torch.float64)) and errors[0] == 0
+        assert bool((rows[:, 0].diff() > 0).all())  # effective sparsity strictly rises
+        assert bool((rows[:, 1:].diff(dim=0) >= 0).all())  # a step only ever raises one projection
+        assert bool(((rows[:, 1:].diff(dim=0) > 0).sum(-1) == 1).all())
+        assert rows[-1, 0] >= greedy.TOP - 1e-9 and rows[-2, 0] < greedy.TOP
+        assert torch.allclose(rows[:, 0], greedy.effective_sparsity(rows[:, 1:], sizes))
+        assert rows[:, 1:].max() <= table.grid[-1]
+
+
+def decode_tail_error(model, layer, x, thresholds_7, target):
+    """The block's tail output decoded one token at a time after a dense prefill: what generate
+    does, independently of the batched tail in block_tail."""
+    from model import KVCache
+
+    block, c = model.layers[layer], model.config
+    n, T, _ = x.shape
+    pos = torch.arange(T)
+    mask = pos[:, None] >= pos
+    rope = (model.rope_cos[:T], model.rope_sin[:T])
+    block.attention.kv_cache = KVCache(n, T, c.n_kv_head, c.head_dim, x.dtype, x.device)
+    for proj, cols in block.projections():
+        proj.thresholds.copy_(thresholds_7[cols])
+    with torch.no_grad():
+        block(x[:, :T - TAIL], (rope[0][:T - TAIL], rope[1][:T - TAIL]), pos[:T - TAIL], mask[:T - TAIL], sparse=False)
+        out = torch.cat([block(x[:, p:p + 1], (rope[0][p:p + 1], rope[1][p:p + 1]), pos[p:p + 1], mask[p:p + 1], sparse=True)
+                         for p in range(T - TAIL, T)], dim=1)
+    block.attention.kv_cache = None
+    return float((out - target).norm() / target.norm())
+
+
+def test_each_step_keeps_the_candidate_with_the_smallest_block_error(tiny):
+    model, table, windows = tiny
+    layer = 1
+    with torch.no_grad():
+        x = model.layers[0](model.tok_embeddings(windows), (model.rope_cos[:64], model.rope_sin[:64]), None, None, sparse=False)
+        target = model.layers[layer](x, (model.rope_cos[:64], model.rope_sin[:64]), None, None, sparse=False)[:, -TAIL:]
+    rows, sizes = table.greedy[layer], model.projection_sizes()
+    steps = greedy.step_sizes(sizes, 0.02)
+    for k in (0, 5, 20):
+        s = rows[k, 1:]
+        errors = []
+        for j in range(7):
+            trial = s.clone()
+            trial[j] = min(s[j] + steps[j], table.grid[-1])
+            errors.append(decode_tail_error(model, layer, x, greedy.block_thresholds(table, layer, trial), target)
+                          if s[j] < table.grid[-1] else math.inf)
+        chosen = int((rows[k + 1, 1:] - s).nonzero())
+        assert errors[chosen] <= min(errors) * (1 + 1e-4), (k, chosen, errors)
+        assert math.isclose(table.greedy_error[layer][k + 1], errors[chosen], rel_tol=1e-3)
+
+
+def test_resume_after_an_interruption_gives_the_same_rows(tiny, tmp_path, monkeypatch):
+    model, table, windows = tiny
+    state = tmp_path / "state.json"
+    real, calls = greedy.search_block, []
+
+    def interrupted_after_one_block(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(greedy, "search_block", interrupted_after_one_block)
+    with pytest.raises(KeyboardInterrupt):
+        greedy.greedy_search(model, windows, table, TAIL, step=0.02, state_path=state)
+    assert list(json.loads(state.read_text())["blocks"]) == ["0"]
+    monkeypatch.setattr(greedy, "search_block", real)
+    rows, errors = greedy.greedy_search(model, windows, table, TAIL, step=0.02, state_path=state)
+    for a, b in zip(rows, table.greedy):
+        assert torch.equal(a, b)
+    for a, b in zip(errors, table.greedy_error):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="other settings; delete it to start over"):
+        greedy.greedy_search(model, windows, table, TAIL, step=0.03, state_path=state)
+
+
+def test_greedy_rows_reach_their_sparsity(tiny):
+    """Each block's interpolated row has effective sparsity s, and decode measures about s."""
+    model, table, _ = tiny
+    sizes = model.projection_sizes()
+    for s in (0.3, 0.5):
+        assert torch.allclose(greedy.effective_sparsity(table.greedy_sparsities(s), sizes), torch.tensor(s, dtype=torch.float64))
+    windows = random_windows(model, 16, 97, seed=3)
+    results = thresholds.perplexity(model, windows, [table.at(0.3, "greedy"), table.at(0.5, "greedy")], scored=64)
+    for s, r in zip((0.3, 0.5), results):
+        assert abs(thresholds.model_wide(r["measured"], sizes) - s) < 0.02
+
+
+def test_greedy_is_interpolated_between_rows(tiny):
+    _, table, _ = tiny
+    rows = table.greedy[0]
+    mid = float((rows[3, 0] + rows[4, 0]) / 2)
+    assert torch.allclose(table.greedy_sparsities(mid)[0], (rows[3, 1:] + rows[4, 1:]) / 2)
+    assert torch.equal(table.greedy_sparsities(float(rows[3, 0]))[0], rows[3, 1:])
+    assert torch.equal(table.at(0, "greedy"), torch.zeros(2, 7))
+    with pytest.raises(ThresholdsError, match="greedy sparsity must be in"):
+        table.at(0.93, "greedy")
+
+
+def test_file_round_trip_with_greedy_rows(tiny, tmp_path):
+    _, table, _ = tiny
+    table = replace(table, greedy_search=dict(step=0.02))
+    path = tmp_path / "t.json"
+    table.save(path)
+    back = thresholds.load(path)
+    assert json.loads(path.read_text())["version"] == 2 and back.greedy_search == dict(step=0.02)
+    for a, b in zip(back.greedy, table.greedy):
+        assert torch.allclose(a, b, rtol=1e-8, atol=0)
+    assert torch.allclose(back.at(0.45, "greedy"), table.at(0.45, "greedy"), rtol=1e-6)
+
+
+def test_version_1_file_loads_as_uniform(tiny, tmp_path):
+    _, table, _ = tiny
+    doc = json.loads(replace(table, greedy=None).to_json())
+    doc["version"] = 1
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(doc))
+    old = thresholds.load(path)
+    assert old.greedy is None
+    assert torch.equal(old.at(0.5, "greedy"), old.at(0.5, "uniform"))
+    assert torch.equal(old.at(0.5), table.at(0.5))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda g: g["rows"].pop(), "greedy rows for 1 blocks, expected 2"),
+    (lambda g: g["rows"][0][1].__setitem__(0, 0.0), "rise in effective sparsity"),
+    (lambda g: g["rows"][1][2].__setitem__(3, 1.5), r"stay in \[0, 0.95\]"),
+    (lambda g: g["error"][0].pop(), "one error each"),
+    (lambda g: g.pop("rows"), "greedy: KeyError"),
+])
+def test_refuses_damaged_greedy_rows(tiny, tmp_path, damage, message):
+    _, table, _ = tiny
+    doc = json.loads(table.to_json())
+    damage(doc["greedy"])
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ThresholdsError, match=message):
+        thresholds.load(path)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("greedy_search", ["--tail", "600"], "error: --windows must be at least 1, and --tail between 1 and --window-length - 1"),
+    ("greedy_search", ["--step", "0.5"], "error: --step must be in (0, 0.1], got 0.5"),
+    ("greedy_search", ["--checkpoint", "no/such/dir", "--text", "README.md"], "error: checkpoint not found: no/such/dir "
+                                                              "(convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)"),
+    ("accuracy_report", ["--sparsities", "0.5,0.95"], "error: --sparsities must each be in (0, 0.9], got [0.5, 0.95]"),
+    ("accuracy_report", ["--text", "no/such.txt"], "error: text not found: no/such.txt"),
+    ("plot_activations", ["--text", "no/such.txt"], "error: text not found: no/such.txt (run python scripts/fetch_text.py)"),
+    ("plot_activations", ["--checkpoint", "no/such/dir", "--text", "README.md"], "error: checkpoint not found: no/such/dir "
+                                                              "(convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)"),
+])
+def test_scripts_bad_input_gives_one_line(script, args, message, capsys, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(f"scripts.{script}")
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit:
+        module.cli(args)
+    assert exit.value.code == 1 and capsys.readouterr().err.strip().splitlines() == [message]
+
+
+@pytest.fixture(scope="module")
+def default():
+    model, meta = default_model()
+    if not SHIPPED.is_file():
+        pytest.skip(f"{SHIPPED.name} not shipped yet")
+    table = thresholds.load(SHIPPED, fingerprint=meta["fingerprint"], config=model.config)
+    if table.greedy is None:
+        pytest.skip(f"{SHIPPED.name} has no greedy rows yet")
+    return model, table
+
+
+def test_default_model_greedy_sparsity_on_heldout_text(default):
+    """Greedy rows searched on the Python docs hit their model-wide sparsity on Austen."""
+    from tokenizer import load_tokenizer
+
+    model, table = default
+    windows = thresholds.token_windows(heldout_ids(load_tokenizer(DEFAULT)), 4, 257)
+    results = thresholds.perplexity(model, windows, [table.at(0.4, "greedy"), table.at(0.5, "greedy")], scored=128)
+    for s, r in zip((0.4, 0.5), results):
+        assert abs(thresholds.model_wide(r["measured"], model.projection_sizes()) - s) < 0.02, (s, r["measured"].mean(0))
+    assert len(PROJECTIONS) == table.greedy[0].shape[1] - 1

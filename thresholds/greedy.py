@@ -1,0 +1,168 @@
+"""Block-wise greedy sparsity allocation (the TEAL paper's Algorithm 1).
+
+Each block is searched alone. Its inputs X are the dense model's hidden states at that block
+over calibration windows; its target Y is the dense block's output. Every window's prefix runs
+dense into the block's KV cache, as a prefill does, and only its tail is thresholded and scored,
+as decoded tokens are. Starting with all seven sparsities at 0, each step tries raising each
+projection's sparsity by a step inversely proportional to its share of the block's weights (so
+every try skips the same number of weight bytes), keeps the try with the smallest ||Y - Y_s||
+on the tail, and records a row: the effective sparsity (weight-weighted mean) and the seven.
+
+The thresholds of a try come from the uniform table (Thresholds.for_sparsities), the same
+mapping inference uses, so the search scores exactly what decode will run. That table is the
+refined one (calibrate(refine=True)): its threshold for sparsity s was read with every projection
+upstream thresholded at s, as decode thresholds them, whereas a dense table overshoots where a
+projection's input comes from thresholded ones (o after q, k, v; down after gate, up). A greedy
+row pairs o at s_o with q, k, v at other sparsities, which the table did not see: that residual
+mismatch shows as the measured sparsity in scripts/accuracy_report.py.
+
+Why dense X: one search then serves every model-wide sparsity (upstream blocks at 0.4 or 0.6
+would give different X, so propagating sparse outputs needs one search per target sparsity),
+and it is what TEAL's reference does.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import KVCache
+
+STEP = 0.01  # effective sparsity added per step
+TOP = 0.9  # search until the block's effective sparsity reaches this
+
+
+def step_sizes(sizes, step):
+    """sizes: [7] weights per projection -> [7] sparsity steps; raising projection j by its step
+    skips a fraction `step` of the block's weights."""
+    sizes = torch.as_tensor(sizes, dtype=torch.float64)
+    return step * sizes.sum() / sizes
+
+
+def effective_sparsity(sparsities, sizes):
+    """[..., 7] sparsities -> [...]: the fraction of the block's weights skipped."""
+    sizes = torch.as_tensor(sizes, dtype=torch.float64)
+    return (torch.as_tensor(sparsities, dtype=torch.float64) * sizes).sum(-1) / sizes.sum()
+
+
+def block_thresholds(table, layer, sparsities):
+    """[7] sparsities of one block -> its [7] thresholds from the uniform table."""
+    full = torch.zeros(table.uniform.shape[:2], dtype=torch.float64)
+    full[layer] = sparsities
+    return table.for_sparsities(full)[layer]
+
+
+@torch.no_grad()
+def block_tail(model, layer, x, tail):
+    """-> run(thresholds [7]) -> (n, tail, dim): block `layer`'s output on the last `tail`
+    positions of x (n, T, dim), those positions thresholded; the first T - tail run once,
+    dense, into a KV cache (as prefill does), which every run's tail attends to.
+
+    Leaves a KV cache on the block and its thresholds set: the caller restores them.
+    """
+    block, c = model.layers[layer], model.config
+    n, T, _ = x.shape
+    P = T - tail
+    positions = torch.arange(T, device=x.device)
+    mask = positions[:, None] >= positions  # (T, T): position p sees cache slots 0..p
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    block.attention.kv_cache = KVCache(n, T, c.n_kv_head, c.head_dim, x.dtype, x.device)
+    block(x[:, :P], (cos[:P], sin[:P]), positions[:P], mask[:P], sparse=False)
+
+    def run(thresholds):
+        for proj, cols in block.projections():
+            proj.thresholds.copy_(thresholds[cols])
+        # Writes only the tail's cache slots, which the next run overwrites.
+        return block(x[:, P:], (cos[P:], sin[P:]), positions[P:], mask[P:], sparse=True)
+    return run
+
+
+def block_error(run, thresholds, target):
+    """||target - block output|| over the tail, in fp32, relative to ||target||."""
+    return float((run(thresholds).float() - target).norm() / target.norm())
+
+
+def search_block(run, thresholds_for, sizes, step=STEP, top=TOP, cap=0.95):
+    """The greedy search on one block.
+
+    run: thresholds [7] -> tail output (block_tail); thresholds_for: sparsities [7] -> thresholds;
+    sizes: [7] weights per projection; cap: the highest sparsity a projection may reach.
+    -> (rows [K, 8] fp64: effective sparsity then the seven, from all zeros up to `top`;
+        errors [K]: each row's relative block error).
+    """
+    target = run(thresholds_for(torch.zeros(7, dtype=torch.float64))).float()
+    steps = step_sizes(sizes, step)
+    s = torch.zeros(7, dtype=torch.float64)
+    rows, errors = [torch.cat([torch.zeros(1, dtype=torch.float64), s])], [0.0]
+    while effective_sparsity(s, sizes) < top - 1e-9:
+        best = None
+        for j in range(7):
+            if s[j] >= cap:
+                continue
+            trial = s.clone()
+            trial[j] = min(s[j] + steps[j], cap)
+            err = block_error(run, thresholds_for(trial), target)
+            if best is None or err < best[0]:
+                best = (err, trial)
+        errors.append(best[0])
+        s = best[1]
+        rows.append(torch.cat([effective_sparsity(s, sizes).reshape(1), s]))
+    return torch.stack(rows), torch.tensor(errors, dtype=torch.float64)
+
+
+def read_state(path, settings):
+    """-> {layer: (rows, errors)} finished by an earlier run with the same settings; {} if none."""
+    if path is None or not Path(path).is_file():
+        return {}
+    state = json.loads(Path(path).read_text())
+    if state.get("settings") != settings:
+        raise ValueError(f"{path} holds a search with other settings; delete it to start over")
+    return {int(k): (torch.tensor(v["rows"], dtype=torch.float64), torch.tensor(v["errors"], dtype=torch.float64))
+            for k, v in state["blocks"].items()}
+
+
+def write_state(path, settings, done):
+    """Atomically: an interruption leaves the previous state whole. Full-precision floats, so a
+    resumed search returns exactly what an uninterrupted one would."""
+    doc = dict(settings=settings, blocks={str(k): dict(rows=r.tolist(), errors=e.tolist()) for k, (r, e) in sorted(done.items())})
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def greedy_search(model, windows, table, tail, step=STEP, top=TOP, state_path=None, settings=None):
+    """Greedy rows for every block of model.
+
+    windows: [n, T] calibration token ids; table: Thresholds with the uniform grid; tail: the
+    thresholded, scored positions at each window's end. With state_path, each finished block is
+    written there and a rerun with the same settings (a JSON-able dict, default: the search's
+    own arguments) resumes after the last finished block.
+    -> (rows: [n_layer] tensors [K, 8], errors: [n_layer] tensors [K]).
+    """
+    n, T = windows.shape
+    if not 0 < tail < T:
+        raise ValueError(f"tail ({tail}) must be shorter than the windows ({T} tokens)")
+    settings = settings or dict(windows=n, window_length=T, tail=tail, step=step, top=top)
+    done = read_state(state_path, settings)
+    device = model.tok_embeddings.weight.device
+    sizes = model.projection_sizes()
+    kept_thresholds = model.get_thresholds()
+    kept_caches = [block.attention.kv_cache for block in model.layers]
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    x = model.tok_embeddings(windows.to(device))  # (n, T, dim): block 0's dense input
+    try:
+        for layer, block in enumerate(tqdm(model.layers, desc="greedy", unit="block")):
+            if layer not in done:
+                run = block_tail(model, layer, x, tail)
+                done[layer] = search_block(run, lambda s: block_thresholds(table, layer, s), sizes, step, top, table.grid[-1])
+                block.attention.kv_cache = kept_caches[layer]
+                if state_path is not None:
+                    write_state(state_path, settings, done)
+            x = block(x, (cos, sin), None, None, sparse=False)  # the next block's dense input
+    finally:
+        model.set_thresholds(kept_thresholds)
+        for block, cache in zip(model.layers, kept_caches):
+            block.attention.kv_cache = cache
+    return [done[i][0] for i in range(len(model.layers))], [done[i][1] for i in range(len(model.layers))]
