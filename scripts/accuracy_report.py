@@ -10,6 +10,7 @@ to each perplexity, the model-wide sparsity measured while scoring (weight-weigh
 Writes accuracy_<name>.json, .md (the table) and .png (perplexity against sparsity).
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -157,9 +158,16 @@ def main(argv=None):
                  measured_per_projection={p: round(v, 5) for p, v in zip(PROJECTIONS, r["measured"].mean(0).tolist())})
             for (m, s), r in zip(runs, results)]
     name = meta.get("name", ckpt.parent.name)
-    doc = dict(checkpoint=name, fingerprint=meta["fingerprint"], thresholds=shown(path), calibration=table.calibration,
+    # The command and the thresholds file's hash: what reproduces these figures, and which file made them.
+    command = " ".join(["python -m scripts.accuracy_report", *(argv if argv is not None else sys.argv[1:])])
+    doc = dict(command=command, checkpoint=name, fingerprint=meta["fingerprint"], thresholds=shown(path),
+               thresholds_sha256=hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16], calibration=table.calibration,
                greedy_search=table.greedy_search, text=[p.name for p in args.text], text_tokens=len(ids), windows=args.windows,
                window_length=C, scored=args.scored, tokens_scored=results[0]["tokens"], device=args.device, dtype=dtype_name,
+               # Which kernels computed it: rounding decides the entries that sit near a threshold, and an
+               # earlier run of these settings (machine and torch not recorded) gave perplexities up to 1.7% apart.
+               device_name=torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.backends.cpu.get_cpu_capability()})",
+               torch=torch.__version__,
                seconds=round(seconds, 1), sparsities=args.sparsities, dense=rows[0], results=rows[1:])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"accuracy_{name}"

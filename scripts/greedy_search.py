@@ -43,8 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--tail", type=int, default=128, help="last positions of each window thresholded and scored, as decode")
     p.add_argument("--step", type=float, default=STEP, help="effective sparsity added per greedy step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # bf16 matmuls are ~5x faster than fp32 on CPUs with AVX512-BF16, and the search only ranks
-    # errors; the thresholds themselves come from the (fp32) uniform table.
+    # bf16 matmuls are ~5x faster than fp32 on CPUs with AVX512-BF16, and the search mostly ranks
+    # errors: q, k, v, gate and up take their thresholds from the (fp32) uniform table; only o's
+    # and down's are quantiles of their inputs as computed in this dtype.
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     args = p.parse_args(argv)
     if args.windows < 1 or not 0 < args.tail < args.window_length:
@@ -86,11 +87,11 @@ def main(argv=None):
     state = Path(f"{out}.greedy-state.json")
     t0 = time.perf_counter()
     try:
-        rows, errors = greedy_search(model, windows, table, args.tail, args.step, TOP, state_path=state, settings=settings)
+        rows, row_thresholds, errors = greedy_search(model, windows, table, args.tail, args.step, TOP, state_path=state, settings=settings)
     except ValueError as e:
         raise UsageError(str(e)) from None
     seconds = time.perf_counter() - t0
-    table.greedy, table.greedy_error = rows, errors
+    table.greedy, table.greedy_thresholds, table.greedy_error = rows, row_thresholds, errors
     table.greedy_search = dict(settings, inputs="dense hidden states", device=args.device, seconds_last_run=round(seconds, 1))
     table.save(out)
     state.unlink()

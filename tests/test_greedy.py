@@ -1,5 +1,6 @@
 """The block-wise greedy search (thresholds/greedy.py), its rows in the thresholds file, and the
 scripts around it: tiny random models always, the default model when it is available."""
+import hashlib
 import json
 import math
 from dataclasses import replace
@@ -23,8 +24,8 @@ def tiny():
     model = random_model()
     table = thresholds.calibrate(model, random_windows(model, 32, 64, seed=1), skip=32)
     windows = random_windows(model, 4, 64, seed=2)
-    rows, errors = greedy.greedy_search(model, windows, table, TAIL, step=0.02)
-    return model, replace(table, greedy=rows, greedy_error=errors), windows
+    rows, row_thresholds, errors = greedy.greedy_search(model, windows, table, TAIL, step=0.02)
+    return model, replace(table, greedy=rows, greedy_thresholds=row_thresholds, greedy_error=errors), windows
 
 
 def test_step_sizes_skip_equal_weight_shares():
@@ -39,8 +40,9 @@ def test_step_sizes_skip_equal_weight_shares():
 def test_rows_rise_from_zero_to_top(tiny):
     model, table, _ = tiny
     sizes = model.projection_sizes()
-    for rows, errors in zip(table.greedy, table.greedy_error):
+    for rows, row_thresholds, errors in zip(table.greedy, table.greedy_thresholds, table.greedy_error):
         assert torch.equal(rows[0], torch.zeros(8, dtype=torch.float64)) and errors[0] == 0
+        assert torch.equal(row_thresholds[0], torch.zeros(7))
         assert bool((rows[:, 0].diff() > 0).all())  # effective sparsity strictly rises
         assert bool((rows[:, 1:].diff(dim=0) >= 0).all())  # a step only ever raises one projection
         assert bool(((rows[:, 1:].diff(dim=0) > 0).sum(-1) == 1).all())
@@ -80,15 +82,24 @@ def test_each_step_keeps_the_candidate_with_the_smallest_block_error(tiny):
     steps = greedy.step_sizes(sizes, 0.02)
     for k in (0, 5, 20):
         s = rows[k, 1:]
-        errors = []
+        run = greedy.block_tail(model, layer, x, TAIL, table)
+        batched, tried = [], []
         for j in range(7):
             trial = s.clone()
             trial[j] = min(s[j] + steps[j], table.grid[-1])
-            errors.append(decode_tail_error(model, layer, x, greedy.block_thresholds(table, layer, trial), target)
-                          if s[j] < table.grid[-1] else math.inf)
+            y, t = run(trial) if s[j] < table.grid[-1] else (None, None)
+            batched.append(float((y - target).norm() / target.norm()) if y is not None else math.inf)
+            tried.append(t)  # each try's thresholds: o's and down's follow its own q, k, v and gate, up
         chosen = int((rows[k + 1, 1:] - s).nonzero())
-        assert errors[chosen] <= min(errors) * (1 + 1e-4), (k, chosen, errors)
-        assert math.isclose(table.greedy_error[layer][k + 1], errors[chosen], rel_tol=1e-3)
+        assert chosen == min(range(7), key=batched.__getitem__), (k, chosen, batched)
+        assert math.isclose(table.greedy_error[layer][k + 1], batched[chosen], rel_tol=1e-5)
+        assert torch.equal(table.greedy_thresholds[layer][k + 1], tried[chosen])
+        # Decoding the tail token by token agrees with the batched tail to within 1%, not 1e-5: o's
+        # and down's thresholds are the k-th smallest |x| of their input, so an entry sits exactly
+        # on each, and rounding differences between the two paths flip it and its near ties.
+        decoded = [decode_tail_error(model, layer, x, t, target) if t is not None else math.inf for t in tried]
+        for a, b in zip(batched, decoded):
+            assert a == b or math.isclose(a, b, rel_tol=1e-2), (k, batched, decoded)
 
 
 def test_resume_after_an_interruption_gives_the_same_rows(tiny, tmp_path, monkeypatch):
@@ -107,11 +118,10 @@ def test_resume_after_an_interruption_gives_the_same_rows(tiny, tmp_path, monkey
         greedy.greedy_search(model, windows, table, TAIL, step=0.02, state_path=state)
     assert list(json.loads(state.read_text())["blocks"]) == ["0"]
     monkeypatch.setattr(greedy, "search_block", real)
-    rows, errors = greedy.greedy_search(model, windows, table, TAIL, step=0.02, state_path=state)
-    for a, b in zip(rows, table.greedy):
-        assert torch.equal(a, b)
-    for a, b in zip(errors, table.greedy_error):
-        assert torch.equal(a, b)
+    resumed = greedy.greedy_search(model, windows, table, TAIL, step=0.02, state_path=state)
+    for got, expected in zip(resumed, (table.greedy, table.greedy_thresholds, table.greedy_error)):
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
     with pytest.raises(ValueError, match="other settings; delete it to start over"):
         greedy.greedy_search(model, windows, table, TAIL, step=0.03, state_path=state)
 
@@ -134,6 +144,8 @@ def test_greedy_is_interpolated_between_rows(tiny):
     mid = float((rows[3, 0] + rows[4, 0]) / 2)
     assert torch.allclose(table.greedy_sparsities(mid)[0], (rows[3, 1:] + rows[4, 1:]) / 2)
     assert torch.equal(table.greedy_sparsities(float(rows[3, 0]))[0], rows[3, 1:])
+    row_thresholds = table.greedy_thresholds[0]
+    assert torch.allclose(table.at(mid, "greedy")[0], (row_thresholds[3] + row_thresholds[4]) / 2)
     assert torch.equal(table.at(0, "greedy"), torch.zeros(2, 7))
     with pytest.raises(ThresholdsError, match="greedy sparsity must be in"):
         table.at(0.93, "greedy")
@@ -148,6 +160,8 @@ def test_file_round_trip_with_greedy_rows(tiny, tmp_path):
     assert json.loads(path.read_text())["version"] == 2 and back.greedy_search == dict(step=0.02)
     for a, b in zip(back.greedy, table.greedy):
         assert torch.allclose(a, b, rtol=1e-8, atol=0)
+    for a, b in zip(back.greedy_thresholds, table.greedy_thresholds):
+        assert torch.equal(a, b)
     assert torch.allclose(back.at(0.45, "greedy"), table.at(0.45, "greedy"), rtol=1e-6)
 
 
@@ -164,10 +178,12 @@ def test_version_1_file_loads_as_uniform(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda g: g["rows"].pop(), "greedy rows for 1 blocks, expected 2"),
+    (lambda g: g["rows"].pop(), "greedy rows, thresholds, errors for 1, 2, 2 blocks, expected 2"),
+    (lambda g: g["thresholds"][1][3].__setitem__(0, float("nan")), "greedy thresholds must be finite"),
     (lambda g: g["rows"][0][1].__setitem__(0, 0.0), "rise in effective sparsity"),
     (lambda g: g["rows"][1][2].__setitem__(3, 1.5), r"stay in \[0, 0.95\]"),
     (lambda g: g["error"][0].pop(), "one error each"),
+    (lambda g: g["thresholds"][0].pop(), "7 thresholds"),
     (lambda g: g.pop("rows"), "greedy: KeyError"),
 ])
 def test_refuses_damaged_greedy_rows(tiny, tmp_path, damage, message):
@@ -220,5 +236,32 @@ def test_default_model_greedy_sparsity_on_heldout_text(default):
     windows = thresholds.token_windows(heldout_ids(load_tokenizer(DEFAULT)), 4, 257)
     results = thresholds.perplexity(model, windows, [table.at(0.4, "greedy"), table.at(0.5, "greedy")], scored=128)
     for s, r in zip((0.4, 0.5), results):
-        assert abs(thresholds.model_wide(r["measured"], model.projection_sizes()) - s) < 0.02, (s, r["measured"].mean(0))
+        assert abs(thresholds.model_wide(r["measured"], model.projection_sizes()) - s) < 0.01, (s, r["measured"].mean(0))
     assert len(PROJECTIONS) == table.greedy[0].shape[1] - 1
+
+
+def test_committed_accuracy_report_is_of_the_shipped_file_and_meets_its_targets():
+    """The report in benchmarks/results/ was made from the shipped thresholds file as it is now
+    (else rerun the command it records), greedy beats uniform at 40% and 50%, and greedy's
+    measured sparsity is within 0.01 of the requested one at every sparsity."""
+    doc = json.loads((REPO / "benchmarks" / "results" / "accuracy_smollm2-135m-instruct.json").read_text())
+    assert doc["thresholds_sha256"] == hashlib.sha256(SHIPPED.read_bytes()).hexdigest()[:16], f"stale report: rerun {doc['command']}"
+    by = {(r["method"], r["sparsity"]): r for r in doc["results"]}
+    for s in (0.4, 0.5):
+        assert by[("greedy", s)]["ppl"] < by[("uniform", s)]["ppl"]
+    for s in doc["sparsities"]:
+        assert abs(by[("greedy", s)]["measured"] - s) < 0.01, (s, by[("greedy", s)]["measured"])
+
+
+def test_accuracy_report_script_end_to_end(smollm2_dir, tmp_path, capsys):
+    from scripts import accuracy_report
+
+    argv = ["--checkpoint", str(smollm2_dir), "--text", str(REPO / "README.md"), "--sparsities", "0.5", "--windows", "2",
+            "--window-length", "160", "--scored", "32", "--out-dir", str(tmp_path)]
+    accuracy_report.main(argv)
+    doc = json.loads((tmp_path / "accuracy_smollm2-135m-instruct.json").read_text())
+    assert doc["command"] == "python -m scripts.accuracy_report " + " ".join(argv)
+    assert [(r["method"], r["sparsity"]) for r in doc["results"]] == [("uniform", 0.5), ("greedy", 0.5)]
+    assert doc["tokens_scored"] == 64 and doc["thresholds"] == "thresholds/files/smollm2-135m-instruct.json"
+    assert "| 0.5 |" in (tmp_path / "accuracy_smollm2-135m-instruct.md").read_text()
+    assert (tmp_path / "accuracy_smollm2-135m-instruct.png").stat().st_size > 0

@@ -4,7 +4,7 @@ them back at any sparsity, and measure perplexity under them.
     t = calibrate(model, token_windows(ids, 64, 2048))      # or load(path, fingerprint=...)
     t.save(path)
     model.set_thresholds(t.at(0.5))                          # [n_layer, 7]
-    t.greedy, t.greedy_error = greedy_search(model, windows, t, tail=128)
+    t.greedy, t.greedy_thresholds, t.greedy_error = greedy_search(model, windows, t, tail=128)
     model.set_thresholds(t.at(0.5, "greedy"))                # per-projection sparsities
 """
 from thresholds.calibration import GRID, SKIP, calibrate, histogram, observe, quantiles, token_windows

@@ -8,13 +8,15 @@ projection's sparsity by a step inversely proportional to its share of the block
 every try skips the same number of weight bytes), keeps the try with the smallest ||Y - Y_s||
 on the tail, and records a row: the effective sparsity (weight-weighted mean) and the seven.
 
-The thresholds of a try come from the uniform table (Thresholds.for_sparsities), the same
-mapping inference uses, so the search scores exactly what decode will run. That table is the
-refined one (calibrate(refine=True)): its threshold for sparsity s was read with every projection
-upstream thresholded at s, as decode thresholds them, whereas a dense table overshoots where a
-projection's input comes from thresholded ones (o after q, k, v; down after gate, up). A greedy
-row pairs o at s_o with q, k, v at other sparsities, which the table did not see: that residual
-mismatch shows as the measured sparsity in scripts/accuracy_report.py.
+The thresholds of a try, and of the rows stored: q, k, v, gate and up read theirs off the
+uniform table (Thresholds.for_sparsities), the refined one, whose threshold for sparsity s was
+read with everything upstream thresholded at s, as decode runs. o and down cannot: their inputs
+come from projections of the same block (q, k, v; gate, up) that a greedy row holds at other
+sparsities than theirs, which the table never saw. Read off the table, down's threshold at
+s_down = 0.66 (its row at model-wide 0.4) assumes gate and up at 0.66 too; with them at 0.3,
+down's input is less shrunk, and down measured 0.545 on held-out text. So o's and down's
+thresholds are the s-quantiles of their inputs as the try itself produces them (tail positions
+of the calibration windows), and a row stores its seven thresholds beside its sparsities.
 
 Why dense X: one search then serves every model-wide sparsity (upstream blocks at 0.4 or 0.6
 would give different X, so propagating sparse outputs needs one search per target sparsity),
@@ -53,11 +55,19 @@ def block_thresholds(table, layer, sparsities):
     return table.for_sparsities(full)[layer]
 
 
+def quantile_threshold(x, sparsity):
+    """The threshold that zeroes a fraction `sparsity` of x's entries: the quantile of fp32 |x|."""
+    a = x.float().abs().flatten()
+    k = round(float(sparsity) * a.numel())
+    return a.kthvalue(k).values if k > 0 else a.new_zeros(())
+
+
 @torch.no_grad()
-def block_tail(model, layer, x, tail):
-    """-> run(thresholds [7]) -> (n, tail, dim): block `layer`'s output on the last `tail`
-    positions of x (n, T, dim), those positions thresholded; the first T - tail run once,
-    dense, into a KV cache (as prefill does), which every run's tail attends to.
+def block_tail(model, layer, x, tail, table):
+    """-> run(sparsities [7]) -> (output (n, tail, dim), thresholds [7]): block `layer` on the
+    last `tail` positions of x (n, T, dim), those positions thresholded; the first T - tail run
+    once, dense, into a KV cache (as prefill does), which every run's tail attends to.
+    q, k, v, gate and up take the table's thresholds; o and down the quantiles of their inputs.
 
     Leaves a KV cache on the block and its thresholds set: the caller restores them.
     """
@@ -70,31 +80,43 @@ def block_tail(model, layer, x, tail):
     block.attention.kv_cache = KVCache(n, T, c.n_kv_head, c.head_dim, x.dtype, x.device)
     block(x[:, :P], (cos[:P], sin[:P]), positions[:P], mask[:P], sparse=False)
 
-    def run(thresholds):
+    @torch.no_grad()  # run is called after block_tail returns, outside its no_grad
+    def run(sparsities):
+        thresholds = block_thresholds(table, layer, sparsities)
+
+        def from_input(col):
+            def hook(module, args):  # args[0]: this projection's input on the tail
+                thresholds[col] = quantile_threshold(args[0], sparsities[col])
+                module.thresholds[0] = thresholds[col]
+            return hook
+
         for proj, cols in block.projections():
             proj.thresholds.copy_(thresholds[cols])
-        # Writes only the tail's cache slots, which the next run overwrites.
-        return block(x[:, P:], (cos[P:], sin[P:]), positions[P:], mask[P:], sparse=True)
+        hooks = [block.attention.o.register_forward_pre_hook(from_input(3)),
+                 block.feed_forward.down.register_forward_pre_hook(from_input(6))]
+        try:
+            # Writes only the tail's cache slots, which the next run overwrites.
+            y = block(x[:, P:], (cos[P:], sin[P:]), positions[P:], mask[P:], sparse=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        return y, thresholds
     return run
 
 
-def block_error(run, thresholds, target):
-    """||target - block output|| over the tail, in fp32, relative to ||target||."""
-    return float((run(thresholds).float() - target).norm() / target.norm())
-
-
-def search_block(run, thresholds_for, sizes, step=STEP, top=TOP, cap=0.95):
+def search_block(run, sizes, step=STEP, top=TOP, cap=0.95):
     """The greedy search on one block.
 
-    run: thresholds [7] -> tail output (block_tail); thresholds_for: sparsities [7] -> thresholds;
-    sizes: [7] weights per projection; cap: the highest sparsity a projection may reach.
+    run: sparsities [7] -> (tail output, thresholds [7]) (block_tail); sizes: [7] weights per
+    projection; cap: the highest sparsity a projection may reach (the uniform grid's top).
     -> (rows [K, 8] fp64: effective sparsity then the seven, from all zeros up to `top`;
-        errors [K]: each row's relative block error).
+        thresholds [K, 7] fp32: each row's; errors [K]: each row's block error relative to ||Y||).
     """
-    target = run(thresholds_for(torch.zeros(7, dtype=torch.float64))).float()
-    steps = step_sizes(sizes, step)
     s = torch.zeros(7, dtype=torch.float64)
-    rows, errors = [torch.cat([torch.zeros(1, dtype=torch.float64), s])], [0.0]
+    target, t = run(s)
+    target = target.float()
+    steps = step_sizes(sizes, step)
+    rows, thresholds, errors = [torch.cat([torch.zeros(1, dtype=torch.float64), s])], [t], [0.0]
     while effective_sparsity(s, sizes) < top - 1e-9:
         best = None
         for j in range(7):
@@ -102,13 +124,15 @@ def search_block(run, thresholds_for, sizes, step=STEP, top=TOP, cap=0.95):
                 continue
             trial = s.clone()
             trial[j] = min(s[j] + steps[j], cap)
-            err = block_error(run, thresholds_for(trial), target)
+            y, t = run(trial)
+            err = float((y.float() - target).norm() / target.norm())
             if best is None or err < best[0]:
-                best = (err, trial)
-        errors.append(best[0])
-        s = best[1]
+                best = (err, trial, t)
+        err, s, t = best
         rows.append(torch.cat([effective_sparsity(s, sizes).reshape(1), s]))
-    return torch.stack(rows), torch.tensor(errors, dtype=torch.float64)
+        thresholds.append(t)
+        errors.append(err)
+    return torch.stack(rows), torch.stack(thresholds).float(), torch.tensor(errors, dtype=torch.float64)
 
 
 def read_state(path, settings):
@@ -118,14 +142,15 @@ def read_state(path, settings):
     state = json.loads(Path(path).read_text())
     if state.get("settings") != settings:
         raise ValueError(f"{path} holds a search with other settings; delete it to start over")
-    return {int(k): (torch.tensor(v["rows"], dtype=torch.float64), torch.tensor(v["errors"], dtype=torch.float64))
-            for k, v in state["blocks"].items()}
+    return {int(k): (torch.tensor(v["rows"], dtype=torch.float64), torch.tensor(v["thresholds"], dtype=torch.float32),
+                     torch.tensor(v["errors"], dtype=torch.float64)) for k, v in state["blocks"].items()}
 
 
 def write_state(path, settings, done):
     """Atomically: an interruption leaves the previous state whole. Full-precision floats, so a
     resumed search returns exactly what an uninterrupted one would."""
-    doc = dict(settings=settings, blocks={str(k): dict(rows=r.tolist(), errors=e.tolist()) for k, (r, e) in sorted(done.items())})
+    doc = dict(settings=settings, blocks={str(k): dict(rows=r.tolist(), thresholds=t.tolist(), errors=e.tolist())
+                                          for k, (r, t, e) in sorted(done.items())})
     tmp = Path(f"{path}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(doc))
     os.replace(tmp, path)
@@ -139,7 +164,8 @@ def greedy_search(model, windows, table, tail, step=STEP, top=TOP, state_path=No
     thresholded, scored positions at each window's end. With state_path, each finished block is
     written there and a rerun with the same settings (a JSON-able dict, default: the search's
     own arguments) resumes after the last finished block.
-    -> (rows: [n_layer] tensors [K, 8], errors: [n_layer] tensors [K]).
+    -> (rows: [n_layer] tensors [K, 8], thresholds: [n_layer] tensors [K, 7], errors: [n_layer] tensors [K]),
+    as search_block returns them for each block.
     """
     n, T = windows.shape
     if not 0 < tail < T:
@@ -155,8 +181,7 @@ def greedy_search(model, windows, table, tail, step=STEP, top=TOP, state_path=No
     try:
         for layer, block in enumerate(tqdm(model.layers, desc="greedy", unit="block")):
             if layer not in done:
-                run = block_tail(model, layer, x, tail)
-                done[layer] = search_block(run, lambda s: block_thresholds(table, layer, s), sizes, step, top, table.grid[-1])
+                done[layer] = search_block(block_tail(model, layer, x, tail, table), sizes, step, top, table.grid[-1])
                 block.attention.kv_cache = kept_caches[layer]
                 if state_path is not None:
                     write_state(state_path, settings, done)
@@ -165,4 +190,4 @@ def greedy_search(model, windows, table, tail, step=STEP, top=TOP, state_path=No
         model.set_thresholds(kept_thresholds)
         for block, cache in zip(model.layers, kept_caches):
             block.attention.kv_cache = cache
-    return [done[i][0] for i in range(len(model.layers))], [done[i][1] for i in range(len(model.layers))]
+    return tuple([done[i][k] for i in range(len(model.layers))] for k in range(3))

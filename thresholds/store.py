@@ -23,10 +23,14 @@ Version 2 adds, optionally:
       search      how it was made: text, windows, window_length, tail, step, inputs, dtype, ...
       rows        [n_layer][K][8]: per block, rows of (effective sparsity, then the seven
                   projections' sparsities), effective rising from 0 to at least 0.9
+      thresholds  [n_layer][K][7]: each row's thresholds: q, k, v, gate, up read off the uniform
+                  table at their sparsity; o and down the quantiles of their inputs with the
+                  row's q, k, v and gate, up applied (the table assumes those at o's and down's
+                  own sparsity, which a greedy row does not hold)
       error       [n_layer][K]: each row's block output error, relative to the dense output
 
-At a model-wide sparsity s, "greedy" takes each block's row at effective s (interpolating
-between rows) and reads each projection's threshold at its own sparsity off the uniform table.
+At a model-wide sparsity s, "greedy" takes each block's row at effective s, interpolating
+linearly between the rows around it, thresholds and sparsities alike.
 A file without greedy rows (every version-1 file) serves "greedy" with uniform thresholds.
 A reader of version n reads every version up to n.
 """
@@ -59,6 +63,7 @@ class Thresholds:
     fingerprint: str = ""
     calibration: dict = field(default_factory=dict)
     greedy: list = None  # [n_layer] fp64 tensors [K, 8]: effective sparsity, then the seven; or None
+    greedy_thresholds: list = None  # [n_layer] fp32 tensors [K, 7]: each row's thresholds
     greedy_error: list = None  # [n_layer] fp64 tensors [K]: each row's relative block error
     greedy_search: dict = field(default_factory=dict)  # how the greedy rows were made
 
@@ -70,22 +75,28 @@ class Thresholds:
         if method not in METHODS:
             raise ThresholdsError(f"unknown thresholds method {method!r}; expected one of {', '.join(METHODS)}")
         if method == "greedy" and self.greedy is not None:
-            return self.for_sparsities(self.greedy_sparsities(sparsity))
+            return self.greedy_at(sparsity, self.greedy_thresholds).float()
         n_layer = self.uniform.shape[0]
         return self.for_sparsities(torch.full((n_layer, len(PROJECTIONS)), float(sparsity), dtype=torch.float64))
 
     def greedy_sparsities(self, sparsity):
-        """-> [n_layer, 7] fp64: each block's greedy row at effective `sparsity`, interpolated
-        linearly between the rows around it (so each block's effective sparsity is exactly it)."""
+        """-> [n_layer, 7] fp64: each block's seven sparsities at effective `sparsity` (so each
+        block's effective sparsity is exactly it)."""
+        return self.greedy_at(sparsity, [rows[:, 1:] for rows in self.greedy])
+
+    def greedy_at(self, sparsity, values):
+        """values: [n_layer] tensors [K, 7], one line per greedy row -> [n_layer, 7] fp64: each
+        block's line at effective `sparsity`, interpolated linearly between the rows around it."""
         top = min(float(rows[-1, 0]) for rows in self.greedy)
         if not 0 <= sparsity <= top:
             raise ThresholdsError(f"greedy sparsity must be in [0, {top:g}] (the searched rows), got {sparsity:g}; use uniform above")
         out = []
-        for rows in self.greedy:
+        for rows, v in zip(self.greedy, values):
             lo = int(torch.searchsorted(rows[:, 0].contiguous(), torch.tensor([float(sparsity)], dtype=torch.float64), right=True)) - 1
             lo = min(lo, len(rows) - 2)
             w = (sparsity - rows[lo, 0]) / (rows[lo + 1, 0] - rows[lo, 0])
-            out.append(rows[lo, 1:] + w * (rows[lo + 1, 1:] - rows[lo, 1:]))
+            v = v.double()
+            out.append(v[lo] + w * (v[lo + 1] - v[lo]))
         return torch.stack(out)
 
     def for_sparsities(self, sparsities):
@@ -113,6 +124,7 @@ class Thresholds:
         if self.greedy is not None:
             doc["greedy"] = {"search": self.greedy_search,
                              "rows": [[[float(f"{v:.9g}") for v in row] for row in rows.tolist()] for rows in self.greedy],
+                             "thresholds": [[[float(f"{v:.9g}") for v in row] for row in t.tolist()] for t in self.greedy_thresholds],
                              "error": [[float(f"{v:.6g}") for v in e.tolist()] for e in self.greedy_error]}
         text = json.dumps(doc, indent=1)
         # One line per innermost list (a projection's thresholds over the grid), not per number.
@@ -159,26 +171,30 @@ def parse(doc, where):
     t = Thresholds(grid=grid, uniform=uniform, config=config, name=doc.get("name", ""),
                    fingerprint=doc.get("fingerprint", ""), calibration=doc.get("calibration", {}))
     if "greedy" in doc:
-        t.greedy, t.greedy_error, t.greedy_search = parse_greedy(doc["greedy"], n_layer, grid[-1], where)
+        t.greedy, t.greedy_thresholds, t.greedy_error, t.greedy_search = parse_greedy(doc["greedy"], n_layer, grid[-1], where)
     return t
 
 
 def parse_greedy(greedy, n_layer, top, where):
-    """The greedy field -> (rows, errors, search), checking what greedy_sparsities relies on."""
+    """The greedy field -> (rows, thresholds, errors, search), checking what greedy_at relies on."""
     try:
         rows = [torch.tensor(r, dtype=torch.float64) for r in greedy["rows"]]
+        thresholds = [torch.tensor(t, dtype=torch.float32) for t in greedy["thresholds"]]
         errors = [torch.tensor(e, dtype=torch.float64) for e in greedy["error"]]
         search = dict(greedy.get("search", {}))
     except (KeyError, TypeError, ValueError) as e:
         raise ThresholdsError(f"{where} is corrupt (greedy: {type(e).__name__}: {e})") from None
-    if len(rows) != n_layer or len(errors) != n_layer:
-        raise ThresholdsError(f"{where} is corrupt (greedy rows for {len(rows)} blocks, expected {n_layer})")
-    for r, e in zip(rows, errors):
-        if r.dim() != 2 or r.shape[0] < 2 or r.shape[1] != 1 + len(PROJECTIONS) or e.shape != r.shape[:1]:
-            raise ThresholdsError(f"{where} is corrupt (greedy rows must be at least 2 rows of {1 + len(PROJECTIONS)} numbers, with one error each)")
+    if not len(rows) == len(thresholds) == len(errors) == n_layer:
+        raise ThresholdsError(f"{where} is corrupt (greedy rows, thresholds, errors for {len(rows)}, {len(thresholds)}, {len(errors)} blocks, expected {n_layer})")
+    for r, t, e in zip(rows, thresholds, errors):
+        if r.dim() != 2 or r.shape[0] < 2 or r.shape[1] != 1 + len(PROJECTIONS) or t.shape != (r.shape[0], len(PROJECTIONS)) or e.shape != r.shape[:1]:
+            raise ThresholdsError(f"{where} is corrupt (greedy rows must be at least 2 rows of {1 + len(PROJECTIONS)} numbers, "
+                                  f"with {len(PROJECTIONS)} thresholds and one error each)")
         if r[0, 0] != 0 or bool((r[:, 0].diff() <= 0).any()) or bool((r[:, 1:] < 0).any()) or bool((r[:, 1:] > top).any()):
             raise ThresholdsError(f"{where} is corrupt (greedy rows must start at 0, rise in effective sparsity, and stay in [0, {top}])")
-    return rows, errors, search
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or bool((t[0] != 0).any()):
+            raise ThresholdsError(f"{where} is corrupt (greedy thresholds must be finite, non-negative, and 0 in the first row)")
+    return rows, thresholds, errors, search
 
 
 def load(path, fingerprint=None, config=None):
