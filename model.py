@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_kernels import PackedWeight, sparse_linear
+from sparse_kernels import PackedWeight, sparse_linear, warm_up
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -195,6 +195,10 @@ class Transformer(nn.Module):
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, max_seq_length, self.config.n_kv_head, self.config.head_dim, dtype, device)
+        # The kernels' shared workspace must exist before a CUDA graph is recorded: allocated during
+        # torch.compile's warm-up run it would land in the graph's private pool, which refuses it.
+        for proj, _ in self.layers[0].projections():
+            warm_up(proj.weight, max_rows=batch_size)
 
     def forward(self, idx, input_pos=None, sparse=None):
         """idx: (B, T) token ids; input_pos: (T,) cache slots, or None for a cache-free causal pass.

@@ -72,30 +72,58 @@ def time_decode(model, decode, sparse, prompt, new_tokens, runs, device):
     return rates
 
 
-def measure_sparsity(model, decode, prompt, new_tokens):
+def measure_sparsity(model, prompt, new_tokens):
+    """Eager, so the compiled graphs (recorded with the counters off) are neither changed nor
+    recompiled: the same tokens pass the same thresholds either way."""
     model.record_sparsity(True)
-    generate.generate(model, prompt, new_tokens, decode, True)
+    generate.generate(model, prompt, new_tokens, generate.decode_one_token, True)
     measured = model.measured_sparsity()
     model.record_sparsity(False)
     return measured
 
 
+@torch.no_grad()
+def profile_decode(model, decode, sparse, prompt, steps, device):
+    """Per decode step: wall time, device-kernel time, launch gaps, and the kernels that take it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    T = prompt.numel()
+    first = generate.prefill(model, prompt.view(1, -1), torch.arange(T, device=device), False, 0.0, None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        generate.sync(device)
+        t0 = time.perf_counter()
+        generate.decode_n_tokens(decode, model, first, torch.tensor([T], device=device), steps, sparse, 0.0, None)
+        generate.sync(device)
+        wall = time.perf_counter() - t0
+    # Device kernels only: CPU-side ops would count the same work twice.
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    us = lambda e: getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+    total = sum(us(e) for e in kernels) / steps
+    top = sorted(kernels, key=us, reverse=True)[:15]
+    return dict(steps=steps, wall_us_per_step=wall * 1e6 / steps, kernel_us_per_step=total,
+                gap_us_per_step=wall * 1e6 / steps - total, kernels_per_step=sum(e.count for e in kernels) / steps,
+                top_kernels=[dict(name=e.key[:120], us_per_step=us(e) / steps, calls_per_step=e.count / steps) for e in top])
+
+
 def run_variant(model, decode, label, sparsity, table, prompt, args, bandwidth):
     sparse = sparsity > 0
     if sparse:
-        model.set_thresholds(table.at(sparsity))
+        model.set_thresholds(table.at(sparsity, args.method))
     t0 = time.perf_counter()
     generate.generate(model, prompt, args.new_tokens, decode, sparse)  # compile and warm up
     generate.sync(args.device)
     warmup_s = time.perf_counter() - t0
     rates = time_decode(model, decode, sparse, prompt, args.new_tokens, args.runs, args.device)
-    measured = measure_sparsity(model, decode, prompt, args.new_tokens) if sparse else torch.zeros(model.config.n_layer, len(PROJECTIONS))
+    measured = measure_sparsity(model, prompt, args.new_tokens) if sparse else torch.zeros(model.config.n_layer, len(PROJECTIONS))
     tok_s = statistics.median(rates)
     read = generate.bytes_per_token(model, measured)
     row = dict(variant=label, target_sparsity=sparsity, tok_s=tok_s, tok_s_runs=rates, ms_per_token=1e3 / tok_s,
                measured_sparsity=thresholds.model_wide(measured, model.projection_sizes()),
                measured_per_projection=dict(zip(PROJECTIONS, measured.mean(0).tolist())),
                bytes_per_token=read, effective_GBps=read * tok_s / 1e9, first_call_s=warmup_s)
+    if args.profile_steps and args.device.startswith("cuda"):
+        row["profile"] = profile_decode(model, decode, sparse, prompt, args.profile_steps, args.device)
     if bandwidth:
         row["ceiling_tok_s"] = bandwidth / read
         row["fraction_of_ceiling"] = tok_s / row["ceiling_tok_s"]
@@ -116,6 +144,13 @@ def markdown(result):
         ceiling = f"{r['fraction_of_ceiling']:.0%}" if "fraction_of_ceiling" in r else "-"
         lines.append(f"| {r['variant']} | {r['target_sparsity']:.2f} | {r['measured_sparsity']:.3f} | {r['tok_s']:.1f} | "
                      f"{r['ms_per_token']:.2f} | {ratio} | {r['effective_GBps']:.0f} | {ceiling} |")
+    for r in result["rows"]:
+        if "profile" in r:
+            f = r["profile"]
+            lines += ["", f"{r['variant']}, one decode step under torch.profiler: {f['wall_us_per_step']:.0f} us wall, "
+                      f"{f['kernel_us_per_step']:.0f} us in {f['kernels_per_step']:.0f} kernels, {f['gap_us_per_step']:.0f} us of gaps", "",
+                      "| kernel | us/step | calls/step |", "|---|---|---|"]
+            lines += [f"| `{k['name'][:70]}` | {k['us_per_step']:.1f} | {k['calls_per_step']:.0f} |" for k in f["top_kernels"][:8]]
     return "\n".join(lines) + "\n"
 
 
@@ -147,12 +182,15 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", help="benchmark a real checkpoint with its thresholds file instead")
     p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--method", choices=("greedy", "uniform"), default="greedy",
+                   help="per-projection sparsities where the thresholds file has greedy rows (a random model's has none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--prompt-tokens", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--calibration-windows", type=int, default=8)
     p.add_argument("--calibration-length", type=int, default=128)
+    p.add_argument("--profile-steps", type=int, default=20, help="CUDA only: decode steps under torch.profiler per variant (0: none)")
     p.add_argument("--no-compile", action="store_true", help="eager decode (for CPU smoke tests)")
     p.add_argument("--out", help="results stem (default benchmarks/results/decode_<model>_<dtype>)")
     return p.parse_args(argv)
@@ -178,7 +216,7 @@ def main(argv=None):
         name = args.model
         model = random_model(name, dtype, device)
         table = random_thresholds(model, args.calibration_windows, args.calibration_length)
-    model.setup_caches(1, args.prompt_tokens + args.new_tokens)
+    model.setup_caches(1, args.prompt_tokens + max(args.new_tokens, args.profile_steps + 1))
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), dtype=torch.int, device=device)
 
     decode = generate.decode_one_token if args.no_compile else generate.compile_decode()
@@ -186,6 +224,7 @@ def main(argv=None):
     result = dict(model=name, dtype=args.dtype, device=device,
                   device_name=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                   torch=torch.__version__, triton=triton_version(), command=" ".join([sys.executable.split("/")[-1]] + sys.argv),
+                  method=args.method if table.greedy is not None else "uniform",
                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                   copy_bandwidth_GBps=bandwidth / 1e9 if bandwidth else None, rows=[])
     stem = Path(args.out) if args.out else RESULTS / f"decode_{name}_{args.dtype}"

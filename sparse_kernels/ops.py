@@ -69,9 +69,12 @@ def sparse_linear(x, pw, thresholds):
 
 def warm_up(pw, device=None, max_rows=MAX_KERNEL_ROWS):
     """Compile the kernel variants and size the shared workspace for pw, for 1 and up to max_rows
-    rows of x. Call before CUDA-graph capture; torch.compile's reduce-overhead mode runs the step
-    eagerly before it records, which does the same for the shapes that step uses."""
-    device = device or pw.data.device
+    rows of x. Call before torch.compile's reduce-overhead mode first runs the step (Transformer.
+    setup_caches does): its warm-up run already allocates from the CUDA graph's private pool, and
+    a workspace allocated there is an untracked live tensor that cudagraph trees refuse."""
+    device = torch.device(device or pw.data.device)
+    if device.type != "cuda" and not triton_interpret():
+        return  # the torch reference runs there: nothing to compile or size
     t = torch.zeros(len(pw.splits), device=device)
     for rows in sorted({1, min(2, max_rows), max_rows}):
         sparse_linear(torch.randn(rows, pw.in_features, device=device, dtype=pw.data.dtype), pw, t)

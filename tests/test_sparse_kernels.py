@@ -208,3 +208,19 @@ def test_torch_compile_fullgraph_no_recompile(triton_interpreter):
         x = torch.randn(1, 1, 64, dtype=torch.bfloat16)
         torch.testing.assert_close(step(x, t), torch.nn.functional.silu(sparse_linear(x, pw, t)) * 2)
     assert counter.frame_count == 1
+
+
+def test_setup_caches_sizes_the_workspace_before_decode(triton_interpreter):
+    """A CUDA graph's warm-up run allocates from the graph's private pool, which refuses a workspace
+    made there: setup_caches must leave a decode step nothing to allocate."""
+    from model import ModelArgs, Transformer
+
+    gemv = triton_interpreter
+    gemv.workspace.buffers.pop(torch.device("cpu"), None)
+    model = Transformer(ModelArgs.from_name("tiny"), dtype=torch.float32)
+    model.setup_caches(1, 8)
+    sized = {kind: buf.data_ptr() for kind, buf in gemv.workspace.buffers[torch.device("cpu")].items()}
+    assert set(sized) == set(gemv.workspace.KINDS)
+    model.set_thresholds(torch.full((model.config.n_layer, 7), 0.5))
+    model(torch.tensor([[3]]), torch.tensor([0]), sparse=True)
+    assert {kind: buf.data_ptr() for kind, buf in gemv.workspace.buffers[torch.device("cpu")].items()} == sized
