@@ -98,20 +98,6 @@ def check():
                     assert err < (1e-5 if fmt == "fp32" else 1e-2), (fmt, in_f, splits, rows, err)
     assert (gemv.workspace.get(torch.device("cuda"), counters=1)[0] == 0).all()
 
-    # The atomic reduction over one- and two-tile programs, on the GPU's real atomics.
-    for in_f, splits in [(4099, (300, 77, 77)), (14336, (4096,)), (4096, (14336, 14336))]:
-        W = torch.randn(sum(splits), in_f, device="cuda", dtype=torch.bfloat16)
-        pw = pack_weight(W, "bf16", splits)
-        for cfg in [gemv.Config(128, 64, 64, 4, False, True), gemv.Config(256, 32, 64, 4, True, True)]:
-            for _ in range(3):
-                x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
-                t = torch.full((len(splits),), torch.quantile(x.float().abs().flatten(), 0.5).item(), device="cuda")
-                y = gemv.sparse_gemv(x, pw.data, t, splits, cfg)
-                err = rel_err(y, reference(x, W.t().double(), t, splits))
-                worst["bf16 atomic"] = max(worst.get("bf16 atomic", 0.0), err)
-                assert err < 1e-2, (in_f, splits, cfg, err)
-    assert (gemv.workspace.get(torch.device("cuda"), sums=1)[0] == 0).all()
-
     # Determinism: the split-K reduction runs in a fixed order.
     pw = pack_weight(torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16) * 0.02)
     x = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
@@ -173,7 +159,7 @@ def kernel_report():
     return out
 
 
-def run_shape(name, in_f, splits, dtypes, tune, copy_bw, atomic_tiles=()):
+def run_shape(name, in_f, splits, dtypes, tune, copy_bw):
     N = sum(splits)
     rows = []
     cfg = None
@@ -197,11 +183,6 @@ def run_shape(name, in_f, splits, dtypes, tune, copy_bw, atomic_tiles=()):
             logged = [(c, sum(t)) for k, c, t in gemv.tune_log if k[:2] == (in_f, tuple(splits))]
             for label, compact in [("compact", True), ("masked", False)]:
                 variants[label] = min((e for e in logged if e[0].compact == compact), key=lambda e: e[1])[0]
-        if fmt == "bf16":
-            # The chosen tile and TEAL's kind of tile, reduced by atomics over short programs.
-            for tile in dict.fromkeys([(cfg.block_n, cfg.block_k, cfg.num_warps, cfg.compact), (128, 64, 4, False)]):
-                for n in atomic_tiles:
-                    variants[f"atomic {tile[0]}x{tile[1]} t{n}"] = gemv.Config(tile[0], tile[1], n * tile[1], tile[2], tile[3], atomic=True)
         for (variant, vcfg), s in [(v, s) for v in variants.items() for s in SPARSITIES]:
             gemv._tuned_here[key] = vcfg
             thr = torch.quantile(x.float().abs().flatten(), s).item() if s > 0 else 0.0
@@ -262,8 +243,6 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--no-tune", action="store_true", help="use the shipped table instead of tuning here")
     p.add_argument("--no-check", action="store_true")
-    p.add_argument("--atomic-tiles", type=int, nargs="*", default=[],
-                   help="also time the atomic reduction with programs of this many tiles (bf16)")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
 
@@ -279,7 +258,7 @@ def main():
     results = []
     everything = []
     for name, in_f, splits in tqdm(shapes(args.models), desc="shapes"):
-        everything += run_shape(name, in_f, splits, args.dtypes, not args.no_tune, copy_bw, args.atomic_tiles)
+        everything += run_shape(name, in_f, splits, args.dtypes, not args.no_tune, copy_bw)
     results = [r for r in everything if r["variant"] == "chosen"]
 
     tag = torch.cuda.get_device_name().split()[1].lower()
@@ -310,7 +289,7 @@ def main():
 
 
 def print_variants(rows):
-    """Each extra variant (best of each loop from tuning, atomic ones) across sparsities, bf16."""
+    """The best config of each kernel loop (from tuning) across sparsities, bf16."""
     ab = [r for r in rows if r["variant"] != "chosen" and r["dtype"] == "bf16"]
     if not ab:
         return

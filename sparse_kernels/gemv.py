@@ -8,10 +8,7 @@ range and masks inactive rows (a masked load issues no memory traffic); "compact
 active channels' indices into scratch, then streams full tiles of active rows only, so the loads in
 flight do not thin out as sparsity grows. The last of the split_k programs of a block to finish
 sums the partials in split order (deterministic) and writes y in x's dtype: one launch per call,
-no second pass over memory, no atomics on y. Config.atomic instead adds each program's partial
-into an fp32 sum with atomics (summation order varies: not bitwise deterministic), so the last
-program reads one tile rather than split_k: it allows short programs (one or two tiles) over many
-splits, as TEAL's kernel runs.
+no second pass over memory, no atomics on y.
 
 Imported only when a call runs on Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 so that TRITON_INTERPRET is read at first use rather than at `import sparse_kernels`.
@@ -45,12 +42,12 @@ def _block_columns(pid_n, N, split1, split2, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, w_ptr, t_ptr, y_ptr, partial_ptr, sum_ptr, count_ptr, index_ptr, value_ptr,
+    x_ptr, w_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
     M, K, N, split1, split2, rows_per_split,
     stride_xm, stride_ym, stride_t,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr, ATOMIC: tl.constexpr,
+    COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
     pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
@@ -158,18 +155,6 @@ def _sparse_gemv_kernel(
     out_ok = (ms < M)[:, None] & col_ok[None, :]
     if split_k == 1:
         tl.store(y_ptr + out_offs, part.to(y_ptr.dtype.element_ty), mask=out_ok)
-    elif ATOMIC:
-        # Sums: [BLOCK_M, N] fp32, zero between calls. The adds are performed at L2; the barrier
-        # and the counter's release order them before the last arriver's read.
-        sum_offs = ms[:, None] * N + cols[None, :]  # [BLOCK_M, BLOCK_N]
-        tl.atomic_add(sum_ptr + sum_offs, part, mask=out_ok, sem="relaxed", scope="gpu")
-        tl.debug_barrier()
-        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_k - 1:
-            total = tl.load(sum_ptr + sum_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + out_offs, total.to(y_ptr.dtype.element_ty), mask=out_ok)
-            tl.store(sum_ptr + sum_offs, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=out_ok)
-            tl.store(count_ptr + pid_n, 0)
     else:
         # Partials: [split_k, n_blocks, BLOCK_M * BLOCK_N] fp32, one dense tile per program.
         tile = ms[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BLOCK_M, BLOCK_N]
@@ -196,14 +181,12 @@ def _sparse_gemv_kernel(
 class Config:
     """One launch shape. split_k = cdiv(K, rows_per_program); rows_per_program is a multiple of
     block_k. compact: pack the active channels first (wins from ~50% sparsity on, costs 5-20% at 0%
-    where it needs wide blocks), else mask the weight rows of inactive channels in place. atomic:
-    reduce the splits by fp32 atomic adds rather than by the last program (see the module doc)."""
+    where it needs wide blocks), else mask the weight rows of inactive channels in place."""
     block_n: int
     block_k: int
     rows_per_program: int
     num_warps: int
     compact: bool
-    atomic: bool = False
 
 
 # Candidates that tune() measures: (block_n, block_k, num_warps) tiles of 16 or 32 KB of bf16, 64 fp32
@@ -260,16 +243,15 @@ def choose_config(K, splits, dtype, block_m, device):
 
 
 class _Workspace:
-    """Scratch shared by every call on one device: fp32 partials, fp32 sums (atomic configs),
-    per-block arrival counters, and the compacted active channels (int32 index, fp32 value) of
-    each program.
+    """Scratch shared by every call on one device: fp32 partials, per-block arrival counters, and
+    the compacted active channels (int32 index, fp32 value) of each program.
 
-    Calls on one stream run one after another and each leaves its counters and sums at zero, so
-    one workspace serves them all. Buffers only grow, and outside CUDA-graph capture; a replaced
+    Calls on one stream run one after another and each leaves its counters at zero, so one
+    workspace serves them all. Buffers only grow, and outside CUDA-graph capture; a replaced
     buffer is kept alive because a captured graph may still point at it.
     """
 
-    KINDS = {"partials": torch.float32, "sums": torch.float32, "counters": torch.int32, "index": torch.int32, "value": torch.float32}
+    KINDS = {"partials": torch.float32, "counters": torch.int32, "index": torch.int32, "value": torch.float32}
 
     def __init__(self):
         self.buffers = {}
@@ -321,18 +303,18 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None):
     bounds = [sum(splits[:i]) for i in range(1, MAX_SEGMENTS)] + [N] * (MAX_SEGMENTS - len(splits))
     compact = cfg.compact and block_m == 1 and rows <= COMPACT_BLOCK
     slots = split_k * n_blocks * rows if compact else 1  # compacted channels, one slot per row a program owns
-    partials, sums, counters, index, value = workspace.get(
-        x.device, partials=split_k * n_blocks * block_m * cfg.block_n, sums=block_m * N, counters=n_blocks, index=slots, value=slots)
+    partials, counters, index, value = workspace.get(x.device, partials=split_k * n_blocks * block_m * cfg.block_n,
+                                                      counters=n_blocks, index=slots, value=slots)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     _sparse_gemv_kernel[(n_blocks, split_k)](
-        x, data, thresholds, y, partials, sums, counters, index, value,
+        x, data, thresholds, y, partials, counters, index, value,
         M, K, N, bounds[0], bounds[1], rows,
         x.stride(0), y.stride(0), thresholds.stride(0),
         BLOCK_M=block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
         REDUCE_SPLITS=max(1, 16 // block_m), EVEN_N=all(w % cfg.block_n == 0 for w in splits),
         # fp32 weights need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
         DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
-        COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK, ATOMIC=cfg.atomic,
+        COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
         num_warps=cfg.num_warps,
     )
     return y
