@@ -84,3 +84,16 @@ def test_prefill_is_dense_unless_asked(model):
     model.record_sparsity(False)
     model.set_thresholds(torch.zeros(model.config.n_layer, 7))
     assert seen[False] == 0 and seen[True] > 0
+
+
+def test_benchmark_decode_on_a_real_checkpoint(tmp_path, smollm2_dir):
+    """--checkpoint: the real model with its shipped thresholds (greedy rows), sparsity measured."""
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "scripts.benchmark_decode", "--checkpoint", str(smollm2_dir), "--device", "cpu",
+                           "--dtype", "fp32", "--no-compile", "--sparsities", "0.5", "--new-tokens", "8", "--runs", "1",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["model"] == "smollm2-135m-instruct" and result["method"] == "greedy"
+    # 8 tokens after a random-token prompt, with thresholds calibrated on prose: near 0.5, not at it.
+    assert 0.4 < result["rows"][1]["measured_sparsity"] < 0.6
