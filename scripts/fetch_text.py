@@ -1,11 +1,13 @@
-"""Fetch the project's prose from two Debian packages into data/ (idempotent, atomic per file).
+"""Fetch the project's text from three Debian packages into data/ (idempotent, atomic per file).
 
-  data/calibration.txt       the Python 3.11 documentation sources (python3.11-doc), to calibrate
-                             thresholds on
-  data/heldout/<novel>.txt   Jane Austen's six novels (r-cran-janeaustenr), held out for perplexity
+  data/calibration.txt        the Python 3.11 documentation sources (python3.11-doc), to calibrate
+                              thresholds on
+  data/calibration_prose.txt  Herman Melville's Moby-Dick (r-cran-tokenizers' example data), prose
+                              to calibrate on that is not the held-out text
+  data/heldout/<novel>.txt    Jane Austen's six novels (r-cran-janeaustenr), held out for perplexity
 
 The packages are fetched with `apt-get download` and unpacked with `dpkg-deb -x` in a cache
-directory, never installed: r-cran-janeaustenr would pull in R.
+directory, never installed: the r-cran ones would pull in R.
 
     python scripts/fetch_text.py
 """
@@ -24,8 +26,10 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 PYTHON_DOC = "python3.11-doc"
 AUSTEN = "r-cran-janeaustenr"
+TOKENIZERS = "r-cran-tokenizers"
 DOC_SOURCES = "usr/share/doc/python3.11/html/_sources"
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
+TOKENIZERS_DATA = "usr/lib/R/site-library/tokenizers/data/Rdata"
 NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 
 
@@ -124,18 +128,37 @@ class RReader:
         return v
 
 
-def austen_novels(root):
-    """-> {novel: text}: each novel is a character vector of lines in the package's .rdb."""
-    base = root / AUSTEN_DATA
+def r_data(base, names):
+    """-> {name: value} of the named objects in an R package's lazy-load database base.rdx/.rdb."""
     index = RReader(gzip.decompress(base.with_suffix(".rdx").read_bytes())).item()["variables"]
     rdb = base.with_suffix(".rdb").read_bytes()
-    novels = {}
-    for name in NOVELS:
+    out = {}
+    for name in names:
         offset, length = index[name]
         # Each entry: 4-byte big-endian uncompressed length, then zlib data.
-        lines = RReader(zlib.decompress(rdb[offset + 4:offset + length])).item()
-        novels[name] = "\n".join(line or "" for line in lines) + "\n"
-    return novels
+        out[name] = RReader(zlib.decompress(rdb[offset + 4:offset + length])).item()
+    return out
+
+
+def austen_novels(root):
+    """-> {novel: text}: each novel is a character vector of lines in the package's .rdb."""
+    return {name: "\n".join(line or "" for line in lines) + "\n" for name, lines in r_data(root / AUSTEN_DATA, NOVELS).items()}
+
+
+def gutenberg_body(text):
+    """The book alone: a Project Gutenberg e-text less its header and license, with \\n line ends."""
+    lines = text.lstrip("\ufeff").replace("\r\n", "\n").split("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith("*** START OF")), None)
+    end = next((i for i, line in enumerate(lines) if line.startswith("*** END OF")), None)
+    if start is None or end is None or end < start:
+        raise FetchError("no Project Gutenberg START/END markers in the text")
+    return "\n".join(lines[start + 1:end]).strip("\n") + "\n"
+
+
+def moby_dick(root):
+    # A named character vector of one element: the whole e-text, \r\n line ends.
+    (text,) = r_data(root / TOKENIZERS_DATA, ["mobydick"])["mobydick"].values()
+    return gutenberg_body(text)
 
 
 def python_docs(root):
@@ -152,8 +175,9 @@ def main():
     args = parser.parse_args()
 
     calibration = args.data / "calibration.txt"
+    prose = args.data / "calibration_prose.txt"
     heldout = [args.data / "heldout" / f"{name}.txt" for name in NOVELS]
-    steps = [(PYTHON_DOC, [calibration]), (AUSTEN, heldout)]
+    steps = [(PYTHON_DOC, [calibration]), (TOKENIZERS, [prose]), (AUSTEN, heldout)]
     with tqdm(total=len(steps), desc="fetch text", unit="package") as bar:
         for package, outputs in steps:
             bar.set_postfix_str(package)
@@ -161,11 +185,14 @@ def main():
                 root = unpacked(package, args.cache)
                 if package == PYTHON_DOC:
                     write_atomic(calibration, python_docs(root))
+                elif package == TOKENIZERS:
+                    write_atomic(prose, moby_dick(root))
                 else:
                     for name, text in austen_novels(root).items():
                         write_atomic(args.data / "heldout" / f"{name}.txt", text)
             bar.update()
     print(f"text in {args.data}: {calibration.name} ({calibration.stat().st_size / 1e6:.1f} MB), "
+          f"{prose.name} ({prose.stat().st_size / 1e6:.1f} MB), "
           f"heldout/ ({sum(p.stat().st_size for p in heldout) / 1e6:.1f} MB, {len(heldout)} novels)")
 
 

@@ -108,6 +108,23 @@ def test_r_reader_reads_a_character_vector():
     assert RReader(zlib.decompress(zlib.compress(blob))).item() == ["EMMA", None, "By Jane Austen"]
 
 
+def test_gutenberg_body_drops_header_and_license():
+    from scripts.fetch_text import FetchError, gutenberg_body
+
+    etext = ("\ufeffThe Project Gutenberg EBook of Moby Dick\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK MOBY DICK ***\r\n"
+             "\r\nCall me Ishmael.\r\nSome years ago\r\n\r\n*** END OF THIS PROJECT GUTENBERG EBOOK MOBY DICK ***\r\nlicense\r\n")
+    assert gutenberg_body(etext) == "Call me Ishmael.\nSome years ago\n"
+    with pytest.raises(FetchError):
+        gutenberg_body("Call me Ishmael.\r\n")
+
+
+def test_calibration_prose_is_moby_dick_not_austen():
+    if not (DATA / "calibration_prose.txt").is_file():
+        pytest.skip("no calibration prose: run python scripts/fetch_text.py")
+    text = (DATA / "calibration_prose.txt").read_text()
+    assert "Call me Ishmael." in text and "Project Gutenberg License" not in text and "\r" not in text
+
+
 def test_heldout_novels_begin_as_they_should():
     if not (DATA / "heldout" / "emma.txt").is_file():
         pytest.skip("no held-out text: run python scripts/fetch_text.py")
