@@ -84,13 +84,12 @@ def measure_sparsity(model, prompt, new_tokens):
 
 @torch.no_grad()
 def profile_decode(model, decode, sparse, prompt, steps, device):
-    """Per decode step: wall time, device-kernel time, launch gaps, and the kernels that take it."""
+    """CUDA: per decode step, wall time, device-kernel time, launch gaps, and the kernels that take it."""
     from torch.profiler import ProfilerActivity, profile
 
     T = prompt.numel()
     first = generate.prefill(model, prompt.view(1, -1), torch.arange(T, device=device), False, 0.0, None)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate.sync(device)
         t0 = time.perf_counter()
         generate.decode_n_tokens(decode, model, first, torch.tensor([T], device=device), steps, sparse, 0.0, None)

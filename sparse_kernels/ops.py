@@ -24,6 +24,11 @@ def triton_interpret():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def runs_triton(device):
+    """Whether calls on this device go to the Triton kernel (else the torch reference)."""
+    return device.type == "cuda" or triton_interpret()
+
+
 def _masked_matmul(x, data, thresholds, splits):
     absx = x.float().abs()
     parts, start = [], 0
@@ -41,7 +46,7 @@ def sparse_linear_op(x: torch.Tensor, data: torch.Tensor, thresholds: torch.Tens
         y = x2.new_empty(0, data.shape[1])
     elif x2.shape[0] > MAX_KERNEL_ROWS:
         y = _masked_matmul(x2, data, thresholds, splits)
-    elif x.is_cuda or triton_interpret():
+    elif runs_triton(x.device):
         from sparse_kernels.gemv import sparse_gemv
 
         y = sparse_gemv(x2.contiguous(), data, thresholds, splits)
@@ -73,7 +78,7 @@ def warm_up(pw, device=None, max_rows=MAX_KERNEL_ROWS):
     setup_caches does): its warm-up run already allocates from the CUDA graph's private pool, and
     a workspace allocated there is an untracked live tensor that cudagraph trees refuse."""
     device = torch.device(device or pw.data.device)
-    if device.type != "cuda" and not triton_interpret():
+    if not runs_triton(device):
         return  # the torch reference runs there: nothing to compile or size
     t = torch.zeros(len(pw.splits), device=device)
     for rows in sorted({1, min(2, max_rows), max_rows}):
