@@ -3,9 +3,7 @@
     python -m scripts.sweep_gemv --shape 14336:4096 --configs 128x64r1024w4 128x64r1216w4 --out sweep.json
     python -m scripts.sweep_gemv --shape 4096:14336,14336 --configs 1024x16r1024w8c 128x64r4096w4
 
-A config is BLOCK_Nx BLOCK_K r ROWS_PER_PROGRAM w NUM_WARPS, then c for the compact loop, sN for an
-N-stage software pipeline (cp.async; none: registers double-buffered) and p for programmatic
-dependent launch.
+A config is BLOCK_Nx BLOCK_K r ROWS_PER_PROGRAM w NUM_WARPS, with a trailing c for the compact loop.
 Timing is benchmark_gemv's (CUDA-graph replays over weight copies, medians); each row also holds
 the number of programs, so grid-shape effects (waves over the SMs) can be read off. Results are
 appended to --out as they come, so an interrupted sweep keeps what it measured.
@@ -20,20 +18,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-CONFIG = re.compile(r"^(\d+)x(\d+)r(\d+)w(\d+)(c?)(?:s(\d+))?(p?)$")
+CONFIG = re.compile(r"^(\d+)x(\d+)r(\d+)w(\d+)(c?)$")
 
 
 def parse_config(text):
-    """'128x64r1024w4cs4p' -> gemv.Config(128, 64, 1024, 4, compact=True, stages=4, pdl=True)."""
+    """'128x64r1024w4c' -> gemv.Config(128, 64, 1024, 4, compact=True)."""
     from sparse_kernels.gemv import Config
 
     m = CONFIG.match(text)
     if m is None:
-        raise ValueError(f"config {text!r} is not BLOCK_NxBLOCK_KrROWSwWARPS[c][sSTAGES][p], e.g. 128x64r1024w4s4")
+        raise ValueError(f"config {text!r} is not BLOCK_NxBLOCK_KrROWSwWARPS[c], e.g. 128x64r1024w4")
     block_n, block_k, rows, warps = (int(g) for g in m.groups()[:4])
     if rows % block_k:
         raise ValueError(f"config {text!r}: rows per program must be a multiple of BLOCK_K")
-    return Config(block_n, block_k, rows, warps, m.group(5) == "c", int(m.group(6) or 0), m.group(7) == "p")
+    return Config(block_n, block_k, rows, warps, m.group(5) == "c")
 
 
 def parse_shape(text):

@@ -47,7 +47,7 @@ def _sparse_gemv_kernel(
     stride_xm, stride_ym, stride_t,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr, STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+    COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
     pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
@@ -57,8 +57,6 @@ def _sparse_gemv_kernel(
     n_blocks = tl.num_programs(0)
     split_k = tl.num_programs(1)
     seg, col_start, col_end = _block_columns(pid_n, N, split1, split2, BLOCK_N)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
     t = tl.load(t_ptr + seg * stride_t)
     cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < col_end
@@ -66,66 +64,7 @@ def _sparse_gemv_kernel(
     row_start = pid_k * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, K)
 
-    if BLOCK_M == 1 and not COMPACT and STAGES == 1:
-        # x runs two tiles ahead, weights one: the x load of a tile has landed by the time its
-        # weight rows are issued, so the loop's chain is one DRAM latency a tile, not L2 + DRAM.
-        ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-        rows = row_start + ks
-        x = tl.load(x_ptr + rows, mask=rows < row_end, other=0.0).to(tl.float32)
-        active = (tl.abs(x) > t) & (rows < row_end)
-        if EVEN_N:
-            w_mask = active[:, None]
-        else:
-            w_mask = active[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=w_mask, other=0.0)
-        x_next = tl.load(x_ptr + rows + BLOCK_K, mask=rows + BLOCK_K < row_end, other=0.0).to(tl.float32)
-        for k in range(row_start, row_end, BLOCK_K):
-            rows_next = k + BLOCK_K + ks
-            rows_after = rows_next + BLOCK_K
-            x_after = tl.load(x_ptr + rows_after, mask=rows_after < row_end, other=0.0).to(tl.float32)
-            active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
-            if EVEN_N:
-                w_mask = active_next[:, None]
-            else:
-                w_mask = active_next[:, None] & col_ok[None, :]
-            w_next = tl.load(w_ptr + rows_next[:, None] * N + cols[None, :], mask=w_mask, other=0.0)
-            acc += tl.where(active, x, 0.0)[:, None] * w.to(tl.float32)
-            x, active, w, x_next = x_next, active_next, w_next, x_after
-        part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
-    elif BLOCK_M == 1 and not COMPACT and STAGES == 2:
-        # x three tiles ahead, weights two.
-        ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
-        r0 = row_start + ks
-        r1 = r0 + BLOCK_K
-        x0 = tl.load(x_ptr + r0, mask=r0 < row_end, other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptr + r1, mask=r1 < row_end, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + r1 + BLOCK_K, mask=r1 + BLOCK_K < row_end, other=0.0).to(tl.float32)
-        a0 = (tl.abs(x0) > t) & (r0 < row_end)
-        a1 = (tl.abs(x1) > t) & (r1 < row_end)
-        if EVEN_N:
-            m0 = a0[:, None]
-            m1 = a1[:, None]
-        else:
-            m0 = a0[:, None] & col_ok[None, :]
-            m1 = a1[:, None] & col_ok[None, :]
-        w0 = tl.load(w_ptr + r0[:, None] * N + cols[None, :], mask=m0, other=0.0)
-        w1 = tl.load(w_ptr + r1[:, None] * N + cols[None, :], mask=m1, other=0.0)
-        for k in range(row_start, row_end, BLOCK_K):
-            r2 = k + 2 * BLOCK_K + ks
-            r3 = r2 + BLOCK_K
-            x3 = tl.load(x_ptr + r3, mask=r3 < row_end, other=0.0).to(tl.float32)
-            a2 = (tl.abs(x2) > t) & (r2 < row_end)
-            if EVEN_N:
-                m2 = a2[:, None]
-            else:
-                m2 = a2[:, None] & col_ok[None, :]
-            w2 = tl.load(w_ptr + r2[:, None] * N + cols[None, :], mask=m2, other=0.0)
-            acc += tl.where(a0, x0, 0.0)[:, None] * w0.to(tl.float32)
-            x0, a0, w0, x1, a1, w1, x2 = x1, a1, w1, x2, a2, w2, x3
-        part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
-    elif BLOCK_M == 1 and COMPACT:
+    if BLOCK_M == 1 and COMPACT:
         # Phase 1: the indices and values of this program's active channels, packed into its own
         # scratch slots (one pass: rows_per_split <= COMPACT_BLOCK), so that phase 2 loads full
         # tiles whatever the sparsity.
@@ -211,8 +150,6 @@ def _sparse_gemv_kernel(
             else:
                 acc = tl.dot(xm.to(w.dtype), w, acc)
         part = acc  # [BLOCK_M, BLOCK_N]
-    if USE_PDL:
-        tl.extra.cuda.gdc_launch_dependents()
 
     out_offs = ms[:, None] * stride_ym + cols[None, :]  # [BLOCK_M, BLOCK_N]
     out_ok = (ms < M)[:, None] & col_ok[None, :]
@@ -250,8 +187,6 @@ class Config:
     rows_per_program: int
     num_warps: int
     compact: bool
-    stages: int = 0
-    pdl: bool = False
 
 
 # Candidates that tune() measures: (block_n, block_k, num_warps) tiles of 16 or 32 KB of bf16, 64 fp32
@@ -379,9 +314,8 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None):
         REDUCE_SPLITS=max(1, 16 // block_m), EVEN_N=all(w % cfg.block_n == 0 for w in splits),
         # fp32 weights need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
         DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
-        COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK, STAGES=cfg.stages if block_m == 1 else 0,
-        USE_PDL=cfg.pdl and x.device.type == "cuda",
-        num_warps=cfg.num_warps, **({"launch_pdl": True} if cfg.pdl and x.device.type == "cuda" else {}),
+        COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
+        num_warps=cfg.num_warps,
     )
     return y
 
