@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_kernels import PackedWeight, sparse_linear, warm_up
+from sparse_kernels import PackedWeight, projection_input, rms_norm, sparse_linear, warm_up
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -84,6 +84,10 @@ class Projection(nn.Module):
 
     q, k and v share one input but each has its own threshold, so they are one weight with three
     segments (gate and up likewise with two): one kernel launch reads the union of active rows.
+
+    forward(x, sparse, norm, swiglu, residual): x is what the block has at hand, the input proper
+    is norm(x) (an RMSNorm), silu(gate) * up of x = [gate | up] (swiglu), or x itself; with a
+    residual the result is residual + y. Sparse, the kernel does all of it in one launch.
     """
 
     def __init__(self, in_features, splits, fmt="bf16", device=None):
@@ -91,19 +95,21 @@ class Projection(nn.Module):
         self.weight = PackedWeight(sum(splits), in_features, fmt, splits, device=device)
         # Not in the state dict: thresholds come from a thresholds file, tied to the checkpoint.
         self.register_buffer("thresholds", torch.zeros(len(splits), device=device), persistent=False)
-        # Sparsity counters, touched only while record is on, so decode pays nothing otherwise.
+        # Inputs each threshold kept, counted by the kernel while record is on (record_sparsity).
         self.record = False
-        self.register_buffer("kept", torch.zeros(len(splits), device=device), persistent=False)
-        self.register_buffer("seen", torch.zeros((), device=device), persistent=False)
+        self.register_buffer("kept", torch.zeros(len(splits), dtype=torch.int64, device=device), persistent=False)
+        # observer(projection, input proper): how calibration sees the input (eager only).
+        self.observer = None
 
-    def forward(self, x, sparse):
+    def forward(self, x, sparse, norm=None, swiglu=False, residual=None):
+        norm_weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
+        if self.observer is not None:
+            self.observer(self, projection_input(x, norm_weight, eps, swiglu))
         if not sparse:
-            return self.weight(x)
-        if self.record:
-            x32 = x.float().abs().reshape(-1, x.shape[-1], 1)
-            self.kept += (x32 > self.thresholds).sum(dim=(0, 1))
-            self.seen += x32.shape[0] * x32.shape[1]
-        return sparse_linear(x, self.weight, self.thresholds)
+            y = self.weight(projection_input(x, norm_weight, eps, swiglu))
+            return y if residual is None else residual + y
+        return sparse_linear(x, self.weight, self.thresholds, norm_weight=norm_weight, norm_eps=eps, swiglu=swiglu,
+                             residual=residual, kept=self.kept if self.record else None)
 
 
 class Attention(nn.Module):
@@ -116,9 +122,10 @@ class Attention(nn.Module):
         self.o = Projection(q_out, (config.dim,), fmt, device)
         self.kv_cache = None
 
-    def forward(self, x, rope, input_pos, mask, sparse):
+    def forward(self, x, norm, rope, input_pos, mask, sparse):
+        """x + attention(norm(x)): the norm and the residual add run inside the projections."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, sparse).split(self.splits, dim=-1)
+        q, k, v = self.qkv(x, sparse, norm=norm).split(self.splits, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -129,7 +136,7 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.o(y, sparse)
+        return self.o(y, sparse, residual=x)
 
 
 class FeedForward(nn.Module):
@@ -139,9 +146,9 @@ class FeedForward(nn.Module):
         self.gate_up = Projection(config.dim, (self.hidden, self.hidden), fmt, device)
         self.down = Projection(self.hidden, (config.dim,), fmt, device)
 
-    def forward(self, x, sparse):
-        gate, up = self.gate_up(x, sparse).split(self.hidden, dim=-1)
-        return self.down(F.silu(gate) * up, sparse)
+    def forward(self, x, norm, sparse):
+        """x + down(silu(gate) * up) of norm(x): the norm, SwiGLU and the add run inside the projections."""
+        return self.down(self.gate_up(x, sparse, norm=norm), sparse, swiglu=True, residual=x)
 
 
 class RMSNorm(nn.Module):
@@ -151,8 +158,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Block(nn.Module):
@@ -169,8 +175,8 @@ class Block(nn.Module):
                 (self.feed_forward.gate_up, slice(4, 6)), (self.feed_forward.down, slice(6, 7))]
 
     def forward(self, x, rope, input_pos, mask, sparse):
-        h = x + self.attention(self.attention_norm(x), rope, input_pos, mask, sparse)
-        return h + self.feed_forward(self.ffn_norm(h), sparse)
+        h = self.attention(x, self.attention_norm, rope, input_pos, mask, sparse)  # x + attention(norm(x))
+        return self.feed_forward(h, self.ffn_norm, sparse)  # h + feed_forward(norm(h))
 
 
 class Transformer(nn.Module):
@@ -185,6 +191,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False, dtype=dtype, device=device)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.record = False  # record_sparsity
+        self.register_buffer("recorded_tokens", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         cos, sin = rope_table(config)
         self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype), persistent=False)
@@ -207,6 +215,8 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         sparse = T == 1 if sparse is None else sparse
+        if sparse and self.record:
+            self.recorded_tokens += B * T
         positions = torch.arange(T, device=idx.device) if input_pos is None else input_pos
         rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, head_dim) each
         mask = None
@@ -237,16 +247,20 @@ class Transformer(nn.Module):
         return torch.stack([torch.cat([p.thresholds.cpu() for p, _ in layer.projections()]) for layer in self.layers])
 
     def record_sparsity(self, enabled=True):
-        """Start (and zero) or stop counting the inputs each projection's threshold zeroes."""
+        """Start (and zero) or stop counting the inputs each projection's threshold keeps in sparse
+        passes, and the tokens those passes ran."""
+        self.record = enabled
+        self.recorded_tokens.zero_()
         for p in self.projections():
             p.record = enabled
             p.kept.zero_()
-            p.seen.zero_()
 
     def measured_sparsity(self):
         """[n_layer, 7]: fraction of each projection's inputs zeroed since record_sparsity()."""
-        rows = [torch.cat([1 - p.kept.cpu() / p.seen.cpu().clamp(min=1) for p, _ in layer.projections()]) for layer in self.layers]
-        return torch.stack(rows)
+        tokens = float(self.recorded_tokens)
+        rows = [torch.cat([1 - p.kept.cpu().double() / max(1.0, tokens * p.weight.in_features) for p, _ in layer.projections()])
+                for layer in self.layers]
+        return torch.stack(rows).float()
 
     def projection_sizes(self):
         """[7]: weights per layer of each projection, to weight sparsities by bytes skipped."""

@@ -23,8 +23,9 @@ import torch
 import triton
 from tqdm import tqdm
 
-from sparse_kernels import pack_weight, sparse_linear, warm_up
+from sparse_kernels import pack_weight, projection_input, sparse_linear, warm_up
 from sparse_kernels import gemv
+from sparse_kernels.reference import count_kept
 
 MODELS = {  # dim, q width, k/v width, intermediate size
     "llama-2-7b": (4096, 4096, 4096, 11008),
@@ -97,6 +98,27 @@ def check():
                     worst[fmt] = max(worst.get(fmt, 0.0), err)
                     assert err < (1e-5 if fmt == "fp32" else 1e-2), (fmt, in_f, splits, rows, err)
     assert (gemv.workspace.get(torch.device("cuda"), counters=1)[0] == 0).all()
+
+    # Fused decode forms (norm or SwiGLU prologue, residual, kept count) against the float64
+    # product of the input torch makes, in bf16 (the GPU rounds to nearest, as torch does).
+    for in_f, splits, form in [(4096, (4096, 1024, 1024), "norm"), (14336, (4096,), "swiglu"), (777, (300, 77, 77), "norm"),
+                               (1000, (513,), "swiglu"), (4096, (4096,), "none")]:
+        W = torch.randn(sum(splits), in_f, device="cuda", dtype=torch.bfloat16) * 0.02
+        pw = pack_weight(W, "bf16", splits)
+        x = torch.randn(1, 2 * in_f if form == "swiglu" else in_f, device="cuda", dtype=torch.bfloat16)
+        kwargs = {"norm": dict(norm_weight=torch.rand(in_f, device="cuda", dtype=torch.bfloat16) + 0.5, norm_eps=1e-5),
+                  "swiglu": dict(swiglu=True), "none": {}}[form]
+        xin = projection_input(x, **kwargs)
+        t = torch.quantile(xin.float().abs().flatten(), torch.tensor([0.3, 0.5, 0.7], device="cuda")[:len(splits)])
+        res = torch.randn(1, sum(splits), device="cuda", dtype=torch.bfloat16)
+        kept = torch.zeros(len(splits), dtype=torch.int64, device="cuda")
+        y = sparse_linear(x, pw, t, residual=res, kept=kept, **kwargs)
+        ref = res.double() + reference(xin, W.t().double(), t, splits)
+        err = rel_err(y, ref)
+        worst["fused_bf16"] = max(worst.get("fused_bf16", 0.0), err)
+        # An entry within an ulp of a threshold may land on either side (the rms differs in its last bits).
+        off = (kept - count_kept(xin, t)).abs().max().item()
+        assert torch.isfinite(y).all() and err < 1e-2 and off <= 2, (in_f, splits, form, err, off)
 
     # Determinism: the split-K reduction runs in a fixed order.
     pw = pack_weight(torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16) * 0.02)

@@ -53,18 +53,19 @@ def collect(model, windows, layers):
     out = {}
 
     def keep(layer, state):
-        def hook(module, args):
-            out[(layer, state)] = args[0][:, thresholds.SKIP:].float().flatten()
-        return hook
+        def observer(projection, x):  # x: the projection's input proper
+            out[(layer, state)] = x[:, thresholds.SKIP:].float().flatten()
+        return observer
 
-    hooks = [proj.register_forward_pre_hook(keep(layer, i))
-             for layer in layers for i, (proj, _) in enumerate(model.layers[layer].projections())]
+    observed = [(proj, keep(layer, i)) for layer in layers for i, (proj, _) in enumerate(model.layers[layer].projections())]
+    for proj, observer in observed:
+        proj.observer = observer
     try:
         with torch.no_grad():
             model(windows, sparse=False)
     finally:
-        for h in hooks:
-            h.remove()
+        for proj, _ in observed:
+            proj.observer = None
     return out
 
 

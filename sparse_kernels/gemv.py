@@ -25,7 +25,7 @@ MAX_ROWS = 16  # rows of x one launch handles; ops.py sends more to a masked den
 
 @triton.jit
 def _block_columns(pid_n, N, split1, split2, BLOCK_N: tl.constexpr):
-    """Output block pid_n -> (segment, first column, end column).
+    """Output block pid_n -> (segment, first column, end column, the segment's first block).
 
     Segment s spans columns [c_s, c_s+1) with c = (0, split1, split2, N) and owns
     cdiv(c_s+1 - c_s, BLOCK_N) blocks, numbered after those of segment s - 1: no block straddles
@@ -37,27 +37,69 @@ def _block_columns(pid_n, N, split1, split2, BLOCK_N: tl.constexpr):
     start = tl.where(seg == 0, pid_n * BLOCK_N,
                      tl.where(seg == 1, split1 + (pid_n - nb0) * BLOCK_N, split2 + (pid_n - nb01) * BLOCK_N))
     end = tl.where(seg == 0, split1, tl.where(seg == 1, split2, N))
-    return seg, start, end
+    first = tl.where(seg == 0, 0, tl.where(seg == 1, nb0, nb01))
+    return seg, start, end, first
+
+
+@triton.jit
+def _load_input(x_ptr, g_ptr, rows, ok, K, rstd, PROLOGUE: tl.constexpr):
+    """The projection's input at rows, fp32. PROLOGUE 1: RMSNorm(x) * g (rstd = the row's
+    1 / rms); 2: silu(gate) * up with x = [gate | up]. Each step is rounded to x's dtype as the
+    unfused model rounds it, so the threshold sees the values it would see there."""
+    dtype = x_ptr.dtype.element_ty
+    if PROLOGUE == 1:
+        h = tl.load(x_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        x = ((h * rstd).to(dtype).to(tl.float32) * g).to(dtype).to(tl.float32)
+    elif PROLOGUE == 2:
+        gate = tl.load(x_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + K + rows, mask=ok, other=0.0).to(tl.float32)
+        x = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _output(y, res_ptr, offs, ok, y_ptr, HAS_RESIDUAL: tl.constexpr):
+    """fp32 sums -> y_ptr's dtype; with a residual, res + y rounded as two dtype tensors add."""
+    dtype = y_ptr.dtype.element_ty
+    if HAS_RESIDUAL:
+        res = tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        y = res + y.to(dtype).to(tl.float32)
+    return y.to(dtype)
 
 
 @triton.jit
 def _sparse_gemv_kernel(
-    x_ptr, w_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
-    M, K, N, split1, split2, rows_per_split,
+    x_ptr, w_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr, kept_ptr,
+    M, K, N, split1, split2, rows_per_split, eps,
     stride_xm, stride_ym, stride_t,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
     COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
+    PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
     pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
-    on the union of the rows' active channels)."""
+    on the union of the rows' active channels).
+
+    BLOCK_M = 1 only: PROLOGUE makes the input from x inside the loads (_load_input), and COUNT
+    adds the number of active channels of each segment into kept_ptr (int64 [n_segments]): the
+    first block of a segment counts them, its split_k programs one range each. Any BLOCK_M:
+    HAS_RESIDUAL returns res + y, y rounded to x's dtype first, as the unfused model adds."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_blocks = tl.num_programs(0)
     split_k = tl.num_programs(1)
-    seg, col_start, col_end = _block_columns(pid_n, N, split1, split2, BLOCK_N)
+    seg, col_start, col_end, first_block = _block_columns(pid_n, N, split1, split2, BLOCK_N)
     t = tl.load(t_ptr + seg * stride_t)
+    rstd = 1.0
+    if PROLOGUE == 1:
+        # Every program needs the whole row's rms: one load of x (L2), beside its first tile's.
+        hs = tl.arange(0, NORM_BLOCK)  # [NORM_BLOCK]
+        h = tl.load(x_ptr + hs, mask=hs < K, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)
     cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < col_end
     ms = tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -70,12 +112,13 @@ def _sparse_gemv_kernel(
         # tiles whatever the sparsity.
         scratch = (pid_k * n_blocks + pid_n) * rows_per_split
         rows = row_start + tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
-        x = tl.load(x_ptr + rows, mask=rows < row_end, other=0.0).to(tl.float32)
+        x = _load_input(x_ptr, g_ptr, rows, rows < row_end, K, rstd, PROLOGUE)
         active = (tl.abs(x) > t) & (rows < row_end)
         slot = scratch + tl.cumsum(active.to(tl.int32), axis=0) - 1  # [COMPACT_BLOCK]
         tl.store(index_ptr + slot, rows, mask=active)
         tl.store(value_ptr + slot, x, mask=active)
         n_active = tl.sum(active.to(tl.int32), axis=0)
+        kept = n_active
         tl.debug_barrier()  # phase 2's threads read slots that other threads wrote
         # Phase 2: BLOCK_K active rows a tile. Weights run one tile ahead of the sum, indices two,
         # so a tile's rows are in flight while the previous tile is summed.
@@ -110,8 +153,9 @@ def _sparse_gemv_kernel(
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         rows = row_start + ks
-        x = tl.load(x_ptr + rows, mask=rows < row_end, other=0.0).to(tl.float32)
+        x = _load_input(x_ptr, g_ptr, rows, rows < row_end, K, rstd, PROLOGUE)
         active = (tl.abs(x) > t) & (rows < row_end)
+        kept_rows = tl.zeros([BLOCK_K], dtype=tl.int32)
         if EVEN_N:
             # No column mask: a mask constant along a row keeps the loads 16 bytes wide.
             w_mask = active[:, None]
@@ -120,7 +164,7 @@ def _sparse_gemv_kernel(
         w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         for k in range(row_start, row_end, BLOCK_K):
             rows_next = k + BLOCK_K + ks  # [BLOCK_K]
-            x_next = tl.load(x_ptr + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
+            x_next = _load_input(x_ptr, g_ptr, rows_next, rows_next < row_end, K, rstd, PROLOGUE)
             active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
             if EVEN_N:
                 w_mask = active_next[:, None]
@@ -129,8 +173,11 @@ def _sparse_gemv_kernel(
             w_next = tl.load(w_ptr + rows_next[:, None] * N + cols[None, :], mask=w_mask, other=0.0)
             # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
             acc += tl.where(active, x, 0.0)[:, None] * w.to(tl.float32)
+            if COUNT:
+                kept_rows += active.to(tl.int32)
             x, active, w = x_next, active_next, w_next
         part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
+        kept = tl.sum(kept_rows, axis=0)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(row_start, row_end, BLOCK_K):
@@ -151,10 +198,13 @@ def _sparse_gemv_kernel(
                 acc = tl.dot(xm.to(w.dtype), w, acc)
         part = acc  # [BLOCK_M, BLOCK_N]
 
+    if BLOCK_M == 1 and COUNT:
+        if pid_n == first_block:
+            tl.atomic_add(kept_ptr + seg, kept.to(tl.int64))
     out_offs = ms[:, None] * stride_ym + cols[None, :]  # [BLOCK_M, BLOCK_N]
     out_ok = (ms < M)[:, None] & col_ok[None, :]
     if split_k == 1:
-        tl.store(y_ptr + out_offs, part.to(y_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(y_ptr + out_offs, _output(part, res_ptr, out_offs, out_ok, y_ptr, HAS_RESIDUAL), mask=out_ok)
     else:
         # Partials: [split_k, n_blocks, BLOCK_M * BLOCK_N] fp32, one dense tile per program.
         tile = ms[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BLOCK_M, BLOCK_N]
@@ -173,7 +223,7 @@ def _sparse_gemv_kernel(
                                 mask=(ss < split_k)[:, None, None], other=0.0,
                                 cache_modifier=".cg")  # [REDUCE_SPLITS, BLOCK_M, BLOCK_N]
                 total += tl.sum(parts, axis=0)
-            tl.store(y_ptr + out_offs, total.to(y_ptr.dtype.element_ty), mask=out_ok)
+            tl.store(y_ptr + out_offs, _output(total, res_ptr, out_offs, out_ok, y_ptr, HAS_RESIDUAL), mask=out_ok)
             tl.store(count_ptr + pid_n, 0)  # reset for the next call and for CUDA-graph replays
 
 
@@ -277,12 +327,21 @@ class _Workspace:
 workspace = _Workspace()
 
 
-def sparse_gemv(x, data, thresholds, splits, config=None, out=None):
+def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=None, eps=0.0, swiglu=False,
+                residual=None, kept=None):
     """x: [M, K] (M <= MAX_ROWS); data: [K, N] weight; thresholds: fp32 [n_segments] (any stride);
-    splits: segment widths summing to N. Returns y: [M, N] in x's dtype (written into out if given)."""
+    splits: segment widths summing to N. Returns y: [M, N] in x's dtype (written into out if given).
+
+    Fused around the product (ops.sparse_linear documents them): norm_weight (the input is
+    RMSNorm(x) * norm_weight, eps) or swiglu (x: [1, 2K] = [gate | up], the input is silu(gate) * up),
+    and kept (int64 [n_segments], += active channels), for M = 1 only; residual ([M, N]) for any M."""
     M, K = x.shape
     N = data.shape[1]
-    if data.shape[0] != K or not data.is_contiguous() or x.stride(1) != 1:
+    prologue = 1 if norm_weight is not None else 2 if swiglu else 0
+    if prologue == 2:
+        K //= 2
+    if (data.shape[0] != K or x.shape[1] != K * (2 if swiglu else 1) or not data.is_contiguous()
+            or x.stride(1) != 1 or (prologue and not x.is_contiguous())):
         raise ValueError(f"x {tuple(x.shape)} (inner stride 1) and a contiguous [K, N] weight expected, got {tuple(data.shape)}")
     if x.dtype != data.dtype:
         raise ValueError(f"x is {x.dtype}, the weight {data.dtype}: the kernel computes in the weight's dtype")
@@ -292,6 +351,14 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None):
         raise ValueError("weights of 2**31 elements or more need 64-bit offsets")
     if thresholds.shape != (len(splits),) or thresholds.dtype != torch.float32:
         raise ValueError(f"thresholds must be fp32 [{len(splits)}], got {thresholds.dtype} {tuple(thresholds.shape)}")
+    if (prologue or kept is not None) and M != 1:
+        raise ValueError("the fused prologues and the kept count take one row of x")
+    if norm_weight is not None and (norm_weight.shape != (K,) or swiglu):
+        raise ValueError(f"norm_weight must be [{K}] and excludes swiglu")
+    if residual is not None and (residual.shape != (M, N) or residual.dtype != x.dtype or residual.stride() != (N, 1)):
+        raise ValueError(f"residual must be a contiguous [{M}, {N}] {x.dtype} tensor")
+    if kept is not None and (kept.shape != (len(splits),) or kept.dtype != torch.int64):
+        raise ValueError(f"kept must be int64 [{len(splits)}]")
     block_m = 1 if M == 1 else 16  # tl.dot wants at least 16 rows
     cfg = config or choose_config(K, splits, data.dtype, block_m, x.device)
     rows = cfg.rows_per_program
@@ -308,13 +375,17 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None):
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     _sparse_gemv_kernel[(n_blocks, split_k)](
         x, data, thresholds, y, partials, counters, index, value,
-        M, K, N, bounds[0], bounds[1], rows,
+        # Unused pointers get a tensor already at hand: the kernel never reads them.
+        x if norm_weight is None else norm_weight, x if residual is None else residual, counters if kept is None else kept,
+        M, K, N, bounds[0], bounds[1], rows, eps,
         x.stride(0), y.stride(0), thresholds.stride(0),
         BLOCK_M=block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
         REDUCE_SPLITS=max(1, 16 // block_m), EVEN_N=all(w % cfg.block_n == 0 for w in splits),
         # fp32 weights need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
         DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
         COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
+        PROLOGUE=prologue, NORM_BLOCK=triton.next_power_of_2(K) if prologue == 1 else 1,
+        HAS_RESIDUAL=residual is not None, COUNT=kept is not None,
         num_warps=cfg.num_warps,
     )
     return y

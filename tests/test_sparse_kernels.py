@@ -14,8 +14,9 @@ import math
 import pytest
 import torch
 
-from sparse_kernels import pack_weight, sparse_linear
-from sparse_kernels.ops import MAX_KERNEL_ROWS, sparse_linear_op
+from sparse_kernels import pack_weight, projection_input, sparse_linear
+from sparse_kernels.ops import MAX_KERNEL_ROWS, sparse_linear_counted_op, sparse_linear_op
+from sparse_kernels.reference import count_kept
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
@@ -187,7 +188,11 @@ def test_custom_op_registration(triton_interpreter):
     W = torch.randn(24, 40, dtype=torch.bfloat16)
     pw = pack_weight(W, "bf16", (8, 8, 8))
     x = torch.randn(1, 1, 40, dtype=torch.bfloat16)
-    torch.library.opcheck(sparse_linear_op, (x, pw.data, torch.tensor([0.1, 0.5, 0.9]), list(pw.splits)))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    torch.library.opcheck(sparse_linear_op, (x, pw.data, t, list(pw.splits)))
+    g, res = torch.rand(40, dtype=torch.bfloat16) + 0.5, torch.randn(1, 1, 24, dtype=torch.bfloat16)
+    torch.library.opcheck(sparse_linear_op, (x, pw.data, t, list(pw.splits), g, 1e-5, False, res))
+    torch.library.opcheck(sparse_linear_counted_op, (x, pw.data, t, list(pw.splits), torch.zeros(3, dtype=torch.int64)))
 
 
 def test_torch_compile_fullgraph_no_recompile(triton_interpreter):
@@ -224,3 +229,121 @@ def test_setup_caches_sizes_the_workspace_before_decode(triton_interpreter):
     model.set_thresholds(torch.full((model.config.n_layer, 7), 0.5))
     model(torch.tensor([[3]]), torch.tensor([0]), sparse=True)
     assert {kind: buf.data_ptr() for kind, buf in gemv.workspace.buffers[torch.device("cpu")].items()} == sized
+
+
+# The fused forms. The prologues round to x's dtype twice (RMSNorm: x * rstd, then * weight;
+# SwiGLU: silu, then * up) as the unfused model does. The interpreter rounds fp32 -> bf16 toward
+# zero where torch (and the GPU) round to nearest, so the reference input is made with the rounding
+# of the platform the kernel runs on; the float64 product of that input is then the reference.
+
+
+def kernel_rounding(dtype):
+    if dtype == torch.bfloat16:  # the interpreter's cast: drop the low 16 bits of the fp32
+        return lambda v: (v.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
+    return lambda v: v.to(dtype).float()
+
+
+def kernel_input(x, kwargs, rnd):
+    """The input proper, computed as the kernel computes it, rounding with rnd."""
+    x32 = x.float()
+    if "norm_weight" in kwargs:
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + kwargs["norm_eps"])
+        return rnd(rnd(x32 * rstd) * kwargs["norm_weight"].float())
+    if kwargs.get("swiglu"):
+        gate, up = x32.chunk(2, dim=-1)
+        return rnd(rnd(gate * torch.sigmoid(gate)) * up)
+    return x32
+
+
+def midpoint_thresholds(x, quantiles):
+    """Thresholds halfway between neighbouring distinct |x|: an entry sits on none of them."""
+    v = x.float().abs().flatten().unique().sort().values
+    return torch.tensor([((v[int(q * (len(v) - 1))] + v[int(q * (len(v) - 1)) + 1]) / 2).item() for q in quantiles])
+
+
+def fused_case(fmt, in_f, splits, prologue, rows=1, seed=0):
+    """-> x, kwargs of sparse_linear, W, thresholds, residual."""
+    torch.manual_seed(seed)
+    dtype = DTYPES[fmt]
+    x = (torch.randn(rows, 2 * in_f if prologue == "swiglu" else in_f) * 3).to(dtype)
+    kwargs = {"norm": dict(norm_weight=(torch.rand(in_f) + 0.5).to(dtype), norm_eps=1e-5),
+              "swiglu": dict(swiglu=True), "none": {}}[prologue]
+    t = midpoint_thresholds(projection_input(x, **kwargs), [0.2, 0.55, 0.9][:len(splits)])
+    return x, kwargs, torch.randn(sum(splits), in_f).to(dtype), t, torch.randn(rows, sum(splits)).to(dtype)
+
+
+@pytest.mark.parametrize("fmt", DTYPES)
+@pytest.mark.parametrize("prologue", ["norm", "swiglu", "none"])
+@pytest.mark.parametrize("in_f,splits", [(100, (37, 20, 20)), (257, (100,)), (64, (33, 31))])
+def test_fused_decode_matches_float64(loop, fmt, prologue, in_f, splits):
+    """One row: prologue, product, residual add and kept count in one launch, against the float64
+    product of the input the kernel should make, plus the residual; outputs and scratch poisoned."""
+    x, kwargs, W, t, res = fused_case(fmt, in_f, splits, prologue)
+    xin = kernel_input(x, kwargs, kernel_rounding(x.dtype))
+    pw = pack_weight(W, fmt, splits)
+    kept = torch.full((len(splits),), 5, dtype=torch.int64)
+    poison_workspace(loop)
+    out = torch.full((1, sum(splits)), math.nan, dtype=x.dtype)
+    y = loop.sparse_gemv(x, pw.data, t, splits, out=out, residual=res, kept=kept,
+                         norm_weight=kwargs.get("norm_weight"), eps=kwargs.get("norm_eps", 0.0), swiglu=kwargs.get("swiglu", False))
+    ref = res.double() + reference(xin, W, t, splits)
+    assert torch.isfinite(y).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < TOLERANCE[fmt]
+    assert torch.equal(kept - 5, count_kept(xin, t)), "kept adds the active channels to what was there"
+    # Through the public entry point with a leading [1, 1]: the same launch.
+    y2 = sparse_linear(x.view(1, 1, -1), pw, t, residual=res.view(1, 1, -1), **kwargs)
+    assert torch.equal(y2.view(1, -1), y)
+
+
+@pytest.mark.parametrize("prologue", ["norm", "swiglu"])
+def test_fused_forms_for_several_rows(triton_interpreter, prologue):
+    """More than one row: the prologue, the count and the add run in torch around the kernel (or the
+    masked matmul past MAX_KERNEL_ROWS), with the same results as the reference."""
+    for rows in (3, MAX_KERNEL_ROWS + 1):
+        x, kwargs, W, t, res = fused_case("fp32", 64, (40, 24), prologue, rows=rows, seed=rows)
+        xin = projection_input(x, **kwargs)
+        pw = pack_weight(W, "fp32", (40, 24))
+        kept = torch.zeros(2, dtype=torch.int64)
+        y = sparse_linear(x, pw, t, residual=res, kept=kept, **kwargs)
+        ref = res.double() + reference(xin, W, t, (40, 24))
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+        assert torch.equal(kept, count_kept(xin, t))
+
+
+def test_residual_for_several_rows_in_the_kernel(triton_interpreter):
+    gemv = triton_interpreter
+    W, x, res = torch.randn(50, 70), torch.randn(4, 70), torch.randn(4, 50)
+    t = torch.tensor([0.4])
+    poison_workspace(gemv)
+    y = gemv.sparse_gemv(x, pack_weight(W, "fp32").data, t, (50,), residual=res, out=torch.full((4, 50), math.nan))
+    ref = res.double() + reference(x, W, t, (50,))
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_fused_forms_on_plain_cpu(triton_interpreter, monkeypatch):
+    """Without the interpreter the torch reference serves the same calls."""
+    x, kwargs, W, t, res = fused_case("fp32", 48, (30,), "swiglu")
+    xin = projection_input(x, **kwargs)
+    pw = pack_weight(W, "fp32")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kept = torch.zeros(1, dtype=torch.int64)
+    y = sparse_linear(x, pw, t, residual=res, kept=kept, **kwargs)
+    ref = res.double() + reference(xin, W, t, (30,))
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert torch.equal(kept, count_kept(xin, t))
+
+
+def test_fused_bad_arguments(triton_interpreter):
+    gemv = triton_interpreter
+    W = pack_weight(torch.randn(8, 16), "fp32").data
+    t = torch.zeros(1)
+    with pytest.raises(ValueError, match="one row"):
+        gemv.sparse_gemv(torch.randn(2, 16), W, t, (8,), norm_weight=torch.ones(16))
+    with pytest.raises(ValueError, match="norm_weight"):
+        gemv.sparse_gemv(torch.randn(1, 16), W, t, (8,), norm_weight=torch.ones(15))
+    with pytest.raises(ValueError, match="residual"):
+        gemv.sparse_gemv(torch.randn(1, 16), W, t, (8,), residual=torch.ones(1, 9))
+    with pytest.raises(ValueError, match="kept"):
+        gemv.sparse_gemv(torch.randn(1, 16), W, t, (8,), kept=torch.zeros(1))
+    with pytest.raises(ValueError, match="features"):
+        sparse_linear(torch.randn(16), pack_weight(torch.randn(8, 16), "fp32"), 0.1, swiglu=True)

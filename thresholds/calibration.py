@@ -58,12 +58,13 @@ def observe(model, windows, skip=SKIP, batch_size=1, thresholds=None, desc="dens
     counts = torch.zeros(model.config.n_layer, n_inputs, N_BINS, dtype=torch.int64, device=device)
 
     def count_into(layer, i):
-        def hook(module, args):
-            counts[layer, i] += histogram(args[0][:, skip:])  # args[0]: (B, T, in_features)
-        return hook
+        def observer(projection, x):  # x: (B, T, in_features), the projection's input proper
+            counts[layer, i] += histogram(x[:, skip:])
+        return observer
 
-    hooks = [proj.register_forward_pre_hook(count_into(layer, i))
-             for layer, block in enumerate(model.layers) for i, (proj, _) in enumerate(block.projections())]
+    for layer, block in enumerate(model.layers):
+        for i, (proj, _) in enumerate(block.projections()):
+            proj.observer = count_into(layer, i)
     kept_thresholds = model.get_thresholds()
     try:
         if thresholds is not None:
@@ -72,8 +73,8 @@ def observe(model, windows, skip=SKIP, batch_size=1, thresholds=None, desc="dens
             model(batch.to(device), sparse=thresholds is not None)
     finally:
         model.set_thresholds(kept_thresholds)
-        for h in hooks:
-            h.remove()
+        for proj in model.projections():
+            proj.observer = None
     return counts.cpu()
 
 

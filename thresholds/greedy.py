@@ -85,21 +85,20 @@ def block_tail(model, layer, x, tail, table):
         thresholds = block_thresholds(table, layer, sparsities)
 
         def from_input(col):
-            def hook(module, args):  # args[0]: this projection's input on the tail
-                thresholds[col] = quantile_threshold(args[0], sparsities[col])
-                module.thresholds[0] = thresholds[col]
-            return hook
+            def observer(projection, x):  # x: this projection's input proper on the tail
+                thresholds[col] = quantile_threshold(x, sparsities[col])
+                projection.thresholds[0] = thresholds[col]
+            return observer
 
         for proj, cols in block.projections():
             proj.thresholds.copy_(thresholds[cols])
-        hooks = [block.attention.o.register_forward_pre_hook(from_input(3)),
-                 block.feed_forward.down.register_forward_pre_hook(from_input(6))]
+        o, down = block.attention.o, block.feed_forward.down
+        o.observer, down.observer = from_input(3), from_input(6)
         try:
             # Writes only the tail's cache slots, which the next run overwrites.
             y = block(x[:, P:], (cos[P:], sin[P:]), positions[P:], mask[P:], sparse=True)
         finally:
-            for h in hooks:
-                h.remove()
+            o.observer = down.observer = None
         return y, thresholds
     return run
 
