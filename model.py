@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_kernels import PackedWeight, projection_input, rms_norm, sparse_linear, warm_up
+from sparse_kernels import (PackedWeight, decode_attention, projection_input, rms_norm, runs_triton, sparse_linear, warm_up,
+                            warm_up_attention)
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -125,7 +126,13 @@ class Attention(nn.Module):
     def forward(self, x, norm, rope, input_pos, mask, sparse):
         """x + attention(norm(x)): the norm and the residual add run inside the projections."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, sparse, norm=norm).split(self.splits, dim=-1)
+        qkv = self.qkv(x, sparse, norm=norm)
+        if input_pos is not None and T == 1 and runs_triton(x.device):
+            # Decode: the rope, cache write and attention below, as one kernel.
+            y = decode_attention(qkv.view(B, -1), self.kv_cache.k, self.kv_cache.v, rope[0].view(-1), rope[1].view(-1),
+                                 input_pos, self.n_head, self.n_kv_head)
+            return self.o(y.view(B, 1, -1), sparse, residual=x)
+        q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -207,6 +214,7 @@ class Transformer(nn.Module):
         # torch.compile's warm-up run it would land in the graph's private pool, which refuses it.
         for proj, _ in self.layers[0].projections():
             warm_up(proj.weight, max_rows=batch_size)
+        warm_up_attention(batch_size, self.config.n_head, max_seq_length, self.config.head_dim, device)
 
     def forward(self, idx, input_pos=None, sparse=None):
         """idx: (B, T) token ids; input_pos: (T,) cache slots, or None for a cache-free causal pass.

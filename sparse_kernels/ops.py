@@ -116,6 +116,34 @@ def sparse_linear(x, pw, thresholds, *, norm_weight=None, norm_eps=0.0, swiglu=F
     return sparse_linear_counted_op(x, pw.data, t, list(pw.splits), kept, norm_weight, norm_eps, swiglu, residual)
 
 
+@torch.library.custom_op("teal::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, pos: torch.Tensor, n_head: int, n_kv_head: int) -> torch.Tensor:
+    """One decode step's attention in one Triton launch (sparse_kernels/attention.py): rope the new
+    token's q and k, write its k and v into the caches' slot pos, attend over slots 0..pos.
+
+    qkv: [B, (n_head + 2 n_kv_head) * D]; caches [B, n_kv_head, S, D]; cos, sin: [D] for position
+    pos (a 1-element integer tensor, read on the device). -> [B, n_head * D]. Triton devices only
+    (runs_triton): elsewhere the model's torch code is the definition this computes."""
+    from sparse_kernels.attention import decode_attention as launch
+
+    return launch(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head)
+
+
+@decode_attention.register_fake
+def _(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head):
+    return qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1])
+
+
+def warm_up_attention(batch_size, n_head, cache_len, head_dim, device):
+    """Size the shared workspace for decode_attention at these shapes, ahead of CUDA-graph capture."""
+    device = torch.device(device)
+    if runs_triton(device):
+        from sparse_kernels.attention import warm_up_attention as size
+
+        size(batch_size, n_head, cache_len, head_dim, device)
+
+
 def warm_up(pw, device=None, max_rows=MAX_KERNEL_ROWS):
     """Compile the kernel variants and size the shared workspace for pw, for 1 and up to max_rows
     rows of x. Call before torch.compile's reduce-overhead mode first runs the step (Transformer.

@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
     # tensors through the (slow) interpreter; the rest keep the torch reference path.
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    import sparse_kernels.gemv  # noqa: F401  (imports triton)
+    import sparse_kernels.attention  # noqa: F401  (imports triton)
+    import sparse_kernels.gemv  # noqa: F401
 
     if before is None:
         del os.environ["TRITON_INTERPRET"]

@@ -1,0 +1,223 @@
+"""The Triton decode-attention kernel against a float64 reference, on the CPU through the Triton
+interpreter (TRITON_INTERPRET=1 for this module only, as in test_sparse_kernels.py).
+
+Tolerances (relative Frobenius error of y vs float64): fp32 1e-5; bf16 and fp16 1e-2. The
+interpreter rounds fp32 -> bf16 toward zero (the GPU, like torch, to nearest), so the reference's
+bf16 rope rounds toward zero too: the cache row the kernel writes is then bitwise the reference's in
+every dtype, and y's bf16 error is ~4e-3 (against torch's rounding it would be up to ~1e-2, all of
+it from q's rope rounding the other way).
+"""
+import math
+
+import pytest
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
+BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def attention():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        from sparse_kernels import attention
+
+        if type(attention._decode_attention_kernel).__name__ != "InterpretedFunction":
+            pytest.skip("triton was imported for a GPU (CUDA present): the interpreter tests need a CPU-only process")
+        yield attention
+
+
+@pytest.fixture
+def small_tiles(attention, monkeypatch):
+    """8-position tiles and 32 programs: several splits of one or more tiles even at small S."""
+    monkeypatch.setattr(attention, "BLOCK_T", 8)
+    monkeypatch.setattr(attention, "PROGRAMS_PER_SM", 2)
+    monkeypatch.setattr(attention, "_sm_count", lambda device: 16)
+    return attention
+
+
+def rd(x, dtype):
+    """fp32 -> dtype as the interpreter rounds: to nearest, but bf16 toward zero (dropped bits)."""
+    if dtype == torch.bfloat16:
+        return (x.view(torch.int32) & -65536).view(torch.float32).to(dtype)  # exact: low bits are zero
+    return x.to(dtype)
+
+
+def rope(x, cos, sin):
+    """The model's rope in x's dtype, rounded after each elementwise op as eager torch does."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    a = rd(x.float() * cos.float(), x.dtype).float()
+    b = rd(torch.cat([-x2, x1], dim=-1) * sin.float(), x.dtype).float()
+    return rd(a + b, x.dtype)
+
+
+def reference(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head):
+    """-> (y float64 [B, n_head * D], k_cache and v_cache as the call must leave them)."""
+    B, _, S, D = k_cache.shape
+    q, k, v = qkv.view(B, n_head + 2 * n_kv_head, D).split([n_head, n_kv_head, n_kv_head], dim=1)
+    k_after, v_after = k_cache.clone(), v_cache.clone()
+    k_after[:, :, pos], v_after[:, :, pos] = rope(k, cos, sin), v
+    group = n_head // n_kv_head
+    K = k_after[:, :, :pos + 1].double().repeat_interleave(group, dim=1)  # [B, n_head, pos + 1, D]
+    V = v_after[:, :, :pos + 1].double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhd,bhtd->bht", rope(q, cos, sin).double(), K) / math.sqrt(D)
+    y = torch.einsum("bht,bhtd->bhd", scores.softmax(dim=-1), V)
+    return y.reshape(B, n_head * D), k_after, v_after
+
+
+def inputs(B, n_head, n_kv_head, S, D, pos, dtype):
+    """Random q|k|v, caches, a rotary row; every cache slot from pos on is NaN (slot pos included:
+    the new token must come from qkv, not the cache)."""
+    qkv = torch.randn(B, (n_head + 2 * n_kv_head) * D).to(dtype)
+    k_cache, v_cache = (torch.randn(B, n_kv_head, S, D).to(dtype) for _ in range(2))
+    k_cache[:, :, pos:], v_cache[:, :, pos:] = math.nan, math.nan
+    angle = pos * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angle = torch.cat([angle, angle])
+    return qkv, k_cache, v_cache, angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def bits(t):
+    return t.view(BITS[t.dtype])
+
+
+def run_and_check(att, B, heads, S, D, pos, fmt):
+    n_head, n_kv_head = heads
+    dtype = DTYPES[fmt]
+    torch.manual_seed(S + pos)
+    qkv, k_cache, v_cache, cos, sin = inputs(B, n_head, n_kv_head, S, D, pos, dtype)
+    ref, k_after, v_after = reference(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head)
+    att.warm_up_attention(B, n_head, S, D, "cpu")  # the call below then keeps these buffers
+    partials, counters = att.workspace.get(torch.device("cpu"), partials=1, counters=1)
+    partials.fill_(math.nan)  # a partial read before it is written fails
+    out = torch.full((B, n_head * D), math.nan, dtype=dtype)
+    pos_t = torch.tensor([pos], dtype=torch.int32 if pos % 2 else torch.int64)
+    y = att.decode_attention(qkv, k_cache, v_cache, cos, sin, pos_t, n_head, n_kv_head, out=out)
+
+    assert y.data_ptr() == out.data_ptr() and y.dtype == dtype and y.shape == ref.shape
+    assert torch.isfinite(y).all()
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < TOLERANCE[fmt], err
+    assert (counters == 0).all(), "the last program of each head resets its counter"
+    # Every slot but pos unchanged (NaN included), bitwise.
+    others = torch.arange(S) != pos
+    assert torch.equal(bits(k_cache[:, :, others]), bits(k_after[:, :, others]))
+    assert torch.equal(bits(v_cache[:, :, others]), bits(v_after[:, :, others]))
+    assert torch.equal(bits(v_cache[:, :, pos]), bits(v_after[:, :, pos]))
+    assert torch.equal(bits(k_cache[:, :, pos]), bits(k_after[:, :, pos]))
+
+    again = att.decode_attention(qkv, k_cache, v_cache, cos, sin, pos_t, n_head, n_kv_head)
+    assert torch.equal(bits(again), bits(y)), "two calls give bitwise equal y"
+
+
+@pytest.mark.parametrize("fmt", DTYPES)
+@pytest.mark.parametrize("B,heads,D,S", [(1, (4, 2), 16, 37), (3, (3, 1), 64, 37), (1, (4, 4), 64, 100),
+                                         (3, (4, 2), 16, 37), (1, (3, 1), 16, 100)])
+def test_matches_float64(small_tiles, B, heads, D, S, fmt):
+    for pos in [0, S // 2, S - 1]:
+        run_and_check(small_tiles, B, heads, S, D, pos, fmt)
+
+
+def test_split_plan(small_tiles):
+    """The shapes above cover several splits of one or more tiles, the last one short, and (for
+    pos < S - chunk) empty ones; the plan never depends on pos."""
+    cpu = torch.device("cpu")
+    assert small_tiles.split_plan(4, 37, cpu) == (5, 8)
+    assert small_tiles.split_plan(3, 100, cpu) == (7, 16)  # 2 tiles a split, the last [96, 100)
+    assert small_tiles.split_plan(12, 37, cpu) == (3, 16)  # the last [32, 37)
+    assert small_tiles.split_plan(9, 37, cpu) == (3, 16)
+
+
+@pytest.mark.parametrize("B,heads,S,D,n_splits", [(3, (4, 2), 37, 16, 1), (1, (3, 1), 100, 16, 2), (1, (4, 4), 100, 64, 2)])
+def test_default_plan(attention, B, heads, S, D, n_splits):
+    """The plan as shipped (BLOCK_T positions a tile, 2 'SMs' on the CPU): one split, or two."""
+    assert attention.split_plan(B * heads[0], S, torch.device("cpu"))[0] == n_splits
+    for pos in [0, S - 1]:
+        run_and_check(attention, B, heads, S, D, pos, "bf16")
+
+
+def test_workspace_sizes(small_tiles):
+    sizes = small_tiles.attention_workspace_sizes(3, 4, 37, 16, torch.device("cpu"))
+    assert sizes == {"partials": 12 * 3 * 18, "counters": 12}
+    small_tiles.warm_up_attention(3, 4, 37, 16, "cpu")
+    partials, counters = small_tiles.workspace.get(torch.device("cpu"), partials=1, counters=1)
+    assert partials.numel() >= sizes["partials"] and counters.numel() >= sizes["counters"]
+
+
+def test_rejects_bad_shapes(attention):
+    qkv, k_cache, v_cache, cos, sin = inputs(1, 4, 2, 8, 16, 0, torch.float32)
+    pos = torch.tensor([0])
+    with pytest.raises(ValueError):
+        attention.decode_attention(qkv, k_cache, v_cache, cos, sin, pos, 4, 1)  # caches hold 2 kv heads
+    with pytest.raises(ValueError):
+        attention.decode_attention(qkv[:, :-1], k_cache, v_cache, cos, sin, pos, 4, 2)
+    with pytest.raises(ValueError):
+        attention.decode_attention(qkv.half(), k_cache, v_cache, cos, sin, pos, 4, 2)
+    with pytest.raises(ValueError):
+        attention.decode_attention(qkv, k_cache, v_cache, cos, sin, pos.float(), 4, 2)
+    odd = torch.zeros(1, 2, 8, 12)
+    with pytest.raises(ValueError):
+        attention.decode_attention(torch.zeros(1, 96), odd, odd, cos[:12], sin[:12], pos, 4, 2)
+
+
+def decode_logits(model, steps, sparse):
+    """Prefill [3, 1, 4, 1, 5], then `steps` one-token steps; -> the steps' logits."""
+    model.setup_caches(1, 16)
+    model(torch.tensor([[3, 1, 4, 1, 5]]), torch.arange(5), sparse=False)
+    out = []
+    for i in range(steps):
+        out.append(model(torch.tensor([[7 + i]]), torch.tensor([5 + i]), sparse=sparse))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_model_decode_step_through_the_kernel(attention, monkeypatch, sparse):
+    """The model's decode step sends attention to the kernel where Triton runs, and gets what its
+    torch code (rope, cache write, SDPA) gets; its cache afterwards holds the same rows."""
+    from tests.helpers import random_model
+
+    model = random_model("tiny")
+    model.set_thresholds(torch.full((model.config.n_layer, 7), 0.3))
+    calls = []
+    launch = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    kernel = decode_logits(model, 3, sparse)
+    caches = [(layer.attention.kv_cache.k.clone(), layer.attention.kv_cache.v.clone()) for layer in model.layers]
+    assert len(calls) == 3 * model.config.n_layer
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch_path = decode_logits(model, 3, sparse)
+    assert len(calls) == 3 * model.config.n_layer, "plain CPU runs the model's torch code"
+    torch.testing.assert_close(kernel, torch_path, rtol=1e-4, atol=1e-4)
+    for (k, v), layer in zip(caches, model.layers):
+        torch.testing.assert_close(k, layer.attention.kv_cache.k, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v, layer.attention.kv_cache.v, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_op_compiles_once(attention):
+    """The custom op traces whole under fullgraph, mutates the caches as eager does, and a new
+    position (a tensor) reuses the graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from sparse_kernels import decode_attention
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    B, n_head, n_kv, S, D = 1, 4, 2, 20, 16
+    caches = [torch.randn(B, n_kv, S, D) for _ in range(4)]  # compiled k, v, eager k, v
+
+    @torch.compile(backend=counter, fullgraph=True)
+    def step(qkv, k, v, cos, sin, pos):
+        return decode_attention(qkv, k, v, cos, sin, pos, n_head, n_kv) * 2
+
+    caches[2].copy_(caches[0])
+    caches[3].copy_(caches[1])
+    for p in (3, 11, 19):
+        qkv, cos, sin = torch.randn(B, (n_head + 2 * n_kv) * D), torch.randn(D), torch.randn(D)
+        pos = torch.tensor([p])
+        got = step(qkv, caches[0], caches[1], cos, sin, pos)
+        want = decode_attention(qkv, caches[2], caches[3], cos, sin, pos, n_head, n_kv) * 2
+        torch.testing.assert_close(got, want)
+        assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert counter.frame_count == 1
+    torch.library.opcheck(torch.ops.teal.decode_attention.default,
+                          (qkv, caches[0], caches[1], cos, sin, pos, n_head, n_kv))
