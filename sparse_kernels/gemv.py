@@ -42,22 +42,23 @@ def _block_columns(pid_n, N, split1, split2, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _load_input(x_ptr, g_ptr, rows, ok, K, rstd, PROLOGUE: tl.constexpr):
-    """The projection's input at rows, fp32. PROLOGUE 1: RMSNorm(x) * g (rstd = the row's
-    1 / rms); 2: silu(gate) * up with x = [gate | up]. Each step is rounded to x's dtype as the
-    unfused model rounds it, so the threshold sees the values it would see there."""
+def _load_input(x_ptr, g_ptr, rows, ok, K, eps, PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """The projection's input at rows, fp32. PROLOGUE 1: RMSNorm(x) * g over x's K entries;
+    2: silu(gate) * up with x = [gate | up]. Each step is rounded to x's dtype as the unfused model
+    rounds it, so the threshold sees the values it would see there."""
     dtype = x_ptr.dtype.element_ty
+    a = tl.load(x_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     if PROLOGUE == 1:
-        h = tl.load(x_ptr + rows, mask=ok, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        x = ((h * rstd).to(dtype).to(tl.float32) * g).to(dtype).to(tl.float32)
+        # The whole row's rms, loaded after (so in flight beside) the loads above.
+        hs = tl.arange(0, NORM_BLOCK)  # [NORM_BLOCK]
+        h = tl.load(x_ptr + hs, mask=hs < K, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)
+        a = ((a * rstd).to(dtype).to(tl.float32) * g).to(dtype).to(tl.float32)
     elif PROLOGUE == 2:
-        gate = tl.load(x_ptr + rows, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + K + rows, mask=ok, other=0.0).to(tl.float32)
-        x = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-    return x
+        a = ((a / (1.0 + tl.exp(-a))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+    return a
 
 
 @triton.jit
@@ -94,12 +95,6 @@ def _sparse_gemv_kernel(
     split_k = tl.num_programs(1)
     seg, col_start, col_end, first_block = _block_columns(pid_n, N, split1, split2, BLOCK_N)
     t = tl.load(t_ptr + seg * stride_t)
-    rstd = 1.0
-    if PROLOGUE == 1:
-        # Every program needs the whole row's rms: one load of x (L2), beside its first tile's.
-        hs = tl.arange(0, NORM_BLOCK)  # [NORM_BLOCK]
-        h = tl.load(x_ptr + hs, mask=hs < K, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)
     cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < col_end
     ms = tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -112,7 +107,7 @@ def _sparse_gemv_kernel(
         # tiles whatever the sparsity.
         scratch = (pid_k * n_blocks + pid_n) * rows_per_split
         rows = row_start + tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
-        x = _load_input(x_ptr, g_ptr, rows, rows < row_end, K, rstd, PROLOGUE)
+        x = _load_input(x_ptr, g_ptr, rows, rows < row_end, K, eps, PROLOGUE, NORM_BLOCK)
         active = (tl.abs(x) > t) & (rows < row_end)
         slot = scratch + tl.cumsum(active.to(tl.int32), axis=0) - 1  # [COMPACT_BLOCK]
         tl.store(index_ptr + slot, rows, mask=active)
@@ -148,12 +143,23 @@ def _sparse_gemv_kernel(
             w, val, idx_next, val_next = w_next, val_next, idx_after, val_after
         part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
     elif BLOCK_M == 1:
+        if PROLOGUE != 0:
+            # The prologue once for the whole range, into this program's scratch slots: the loop
+            # then loads x as it does with no prologue, nothing more on its chain of loads.
+            scratch = (pid_k * n_blocks + pid_n) * rows_per_split
+            rr = tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
+            xr = _load_input(x_ptr, g_ptr, row_start + rr, row_start + rr < row_end, K, eps, PROLOGUE, NORM_BLOCK)
+            tl.store(value_ptr + scratch + rr, xr, mask=rr < rows_per_split)
+            tl.debug_barrier()  # the loop's threads read slots that other threads wrote
+            src = value_ptr + scratch - row_start  # x of row r at src + r, fp32
+        else:
+            src = x_ptr
         # Weights run one tile ahead of the sum: a tile's active rows are in flight while the
         # previous tile is summed.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         rows = row_start + ks
-        x = _load_input(x_ptr, g_ptr, rows, rows < row_end, K, rstd, PROLOGUE)
+        x = tl.load(src + rows, mask=rows < row_end, other=0.0).to(tl.float32)
         active = (tl.abs(x) > t) & (rows < row_end)
         kept_rows = tl.zeros([BLOCK_K], dtype=tl.int32)
         if EVEN_N:
@@ -164,7 +170,7 @@ def _sparse_gemv_kernel(
         w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
         for k in range(row_start, row_end, BLOCK_K):
             rows_next = k + BLOCK_K + ks  # [BLOCK_K]
-            x_next = _load_input(x_ptr, g_ptr, rows_next, rows_next < row_end, K, rstd, PROLOGUE)
+            x_next = tl.load(src + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
             active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
             if EVEN_N:
                 w_mask = active_next[:, None]
@@ -365,11 +371,16 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
     if block_m > 1:
         # Fewer, longer splits: the reduction reads 16 rows of partials per split.
         rows = max(rows, triton.cdiv(triton.cdiv(K, 8), cfg.block_k) * cfg.block_k)
+    if prologue:
+        rows = min(rows, COMPACT_BLOCK)  # the prologue runs over a program's rows in one pass
     split_k = triton.cdiv(K, rows)
     n_blocks = sum(triton.cdiv(w, cfg.block_n) for w in splits)
     bounds = [sum(splits[:i]) for i in range(1, MAX_SEGMENTS)] + [N] * (MAX_SEGMENTS - len(splits))
     compact = cfg.compact and block_m == 1 and rows <= COMPACT_BLOCK
-    slots = split_k * n_blocks * rows if compact else 1  # compacted channels, one slot per row a program owns
+    # Scratch: compacted channels, or the prologue's inputs; a slot per row a program owns. Sized
+    # for whichever form a one-row call takes (rows <= COMPACT_BLOCK there), so that warming up
+    # the plain call sizes it for the fused ones too: none may grow it inside a CUDA graph.
+    slots = n_blocks * (K + COMPACT_BLOCK) if block_m == 1 else 1
     partials, counters, index, value = workspace.get(x.device, partials=split_k * n_blocks * block_m * cfg.block_n,
                                                       counters=n_blocks, index=slots, value=slots)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out

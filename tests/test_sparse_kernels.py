@@ -217,13 +217,15 @@ def test_torch_compile_fullgraph_no_recompile(triton_interpreter):
 
 def test_setup_caches_sizes_the_workspace_before_decode(triton_interpreter):
     """A CUDA graph's warm-up run allocates from the graph's private pool, which refuses a workspace
-    made there: setup_caches must leave a decode step nothing to allocate."""
+    made there: setup_caches must leave a decode step (fused projections, attention) nothing to
+    allocate. Wide enough that the fused forms' scratch outgrows the smallest workspace buffers."""
     from model import ModelArgs, Transformer
 
     gemv = triton_interpreter
     gemv.workspace.buffers.pop(torch.device("cpu"), None)
-    model = Transformer(ModelArgs.from_name("tiny"), dtype=torch.float32)
-    model.setup_caches(1, 8)
+    config = ModelArgs(dim=512, n_layer=1, n_head=4, n_kv_head=2, intermediate_size=2048, vocab_size=64, block_size=300)
+    model = Transformer(config, dtype=torch.float32)
+    model.setup_caches(1, 300)
     sized = {kind: buf.data_ptr() for kind, buf in gemv.workspace.buffers[torch.device("cpu")].items()}
     assert set(sized) == set(gemv.workspace.KINDS)
     model.set_thresholds(torch.full((model.config.n_layer, 7), 0.5))
