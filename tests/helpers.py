@@ -1,7 +1,9 @@
 """Helpers shared by the test files: tiny random models and the repo's data paths. Fixtures for
 the bundled model live in conftest.py."""
+import importlib
 from pathlib import Path
 
+import pytest
 import torch
 
 from model import ModelArgs, Transformer
@@ -22,3 +24,15 @@ def random_model(name="tiny", seed=0):
 def random_windows(model, n, length, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (n, length), generator=g)
+
+
+def interpreted(module, kernel):
+    """Body of a module-scoped fixture: TRITON_INTERPRET=1 while the test module runs, so CPU tensors
+    go through sparse_kernels.<module>'s Triton kernel; yields the module, or skips where triton
+    was built for a GPU."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        mod = importlib.import_module(f"sparse_kernels.{module}")
+        if type(getattr(mod, kernel)).__name__ != "InterpretedFunction":
+            pytest.skip("triton was imported for a GPU (CUDA present): the interpreter tests need a CPU-only process")
+        yield mod

@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from tests.helpers import interpreted, random_model
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -19,13 +21,7 @@ BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: 
 
 @pytest.fixture(scope="module", autouse=True)
 def attention():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        from sparse_kernels import attention
-
-        if type(attention._decode_attention_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("triton was imported for a GPU (CUDA present): the interpreter tests need a CPU-only process")
-        yield attention
+    yield from interpreted("attention", "_decode_attention_kernel")
 
 
 @pytest.fixture
@@ -174,8 +170,6 @@ def decode_logits(model, steps, sparse):
 def test_model_decode_step_through_the_kernel(attention, monkeypatch, sparse):
     """The model's decode step sends attention to the kernel where Triton runs, and gets what its
     torch code (rope, cache write, SDPA) gets; its cache afterwards holds the same rows."""
-    from tests.helpers import random_model
-
     model = random_model("tiny")
     model.set_thresholds(torch.full((model.config.n_layer, 7), 0.3))
     calls = []

@@ -17,6 +17,7 @@ import torch
 from sparse_kernels import pack_weight, projection_input, sparse_linear
 from sparse_kernels.ops import MAX_KERNEL_ROWS, sparse_linear_counted_op, sparse_linear_op
 from sparse_kernels.reference import count_kept
+from tests.helpers import interpreted
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
@@ -24,13 +25,7 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_interpreter():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        from sparse_kernels import gemv
-
-        if type(gemv._sparse_gemv_kernel).__name__ != "InterpretedFunction":
-            pytest.skip("triton was imported for a GPU (CUDA present): the interpreter tests need a CPU-only process")
-        yield gemv
+    yield from interpreted("gemv", "_sparse_gemv_kernel")
 
 
 def reference(x, W, thresholds, splits):
