@@ -8,7 +8,9 @@ range and masks inactive rows (a masked load issues no memory traffic); "compact
 active channels' indices into scratch, then streams full tiles of active rows only, so the loads in
 flight do not thin out as sparsity grows. The last of the split_k programs of a block to finish
 sums the partials in split order (deterministic) and writes y in x's dtype: one launch per call,
-no second pass over memory, no atomics on y.
+no second pass over memory, no atomics on y. For a decode step the same launch can make its input
+(RMSNorm of the residual stream, once per program, before the loop), add a residual to y (the last
+arriver) and count the active channels (one atomic per program of a segment's first block).
 
 Imported only when a call runs on Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 so that TRITON_INTERPRET is read at first use rather than at `import sparse_kernels`.
