@@ -3,8 +3,8 @@
 Dispatch, per call:
 - CUDA tensors, and CPU tensors when TRITON_INTERPRET=1 (how CI runs the kernel), with at most
   MAX_ROWS rows of x: the Triton kernel (sparse_kernels/gemv.py), which reads the union of the
-  rows' active channels; with one row (decode) it also runs the RMSNorm prologue, the residual add
-  and the kept count in the same launch, else those run in torch around it;
+  rows' active channels, and adds the residual; with one row (decode) it also runs the RMSNorm
+  prologue and the kept count in the same launch, else those run in torch before it;
 - more rows (prefill, large batches): a dense matmul on the masked input, one per segment. The
   union of 17+ rows' active channels is nearly every channel, so skipping rows buys little there,
   while tensor cores turn the product from bandwidth- into compute-bound;
@@ -46,24 +46,22 @@ def _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, residual,
     x2 = x.reshape(-1, x.shape[-1])  # [M, in]
     res2 = None if residual is None else residual.reshape(-1, N)
     M = x2.shape[0]
-    if M == 1 and runs_triton(x.device):
-        # Decode: one launch makes the input, counts it, multiplies and adds the residual.
+    # Decode (one row): the kernel's launch makes the input and counts it; else torch does, here.
+    fused = M == 1 and runs_triton(x.device)
+    if not fused:
+        x2 = projection_input(x2, norm_weight, norm_eps)
+        if kept is not None:
+            kept += count_kept(x2, thresholds)
+    if 0 < M <= MAX_KERNEL_ROWS and runs_triton(x.device):
         from sparse_kernels.gemv import sparse_gemv
 
-        y = sparse_gemv(x2.contiguous(), data, thresholds, splits, norm_weight=norm_weight, eps=norm_eps,
-                        residual=None if res2 is None else res2.contiguous(), kept=kept)
+        y = sparse_gemv(x2.contiguous(), data, thresholds, splits, norm_weight=norm_weight if fused else None,
+                        eps=norm_eps, residual=None if res2 is None else res2.contiguous(), kept=kept if fused else None)
         return y.reshape(*x.shape[:-1], N)
-    x2 = projection_input(x2, norm_weight, norm_eps)
-    if kept is not None:
-        kept += count_kept(x2, thresholds)
     if M == 0:
         y = x2.new_empty(0, N)
     elif M > MAX_KERNEL_ROWS:
         y = _masked_matmul(x2, data, thresholds, splits)
-    elif runs_triton(x.device):
-        from sparse_kernels.gemv import sparse_gemv
-
-        y = sparse_gemv(x2.contiguous(), data, thresholds, splits)
     else:
         y = sparse_linear_reference(x2, data.t(), thresholds, splits)
     if res2 is not None:
