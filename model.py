@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -110,6 +111,18 @@ class Projection(nn.Module):
         return sparse_linear(x, self.weight, self.thresholds, norm_weight=None if norm is None else norm.weight,
                              norm_eps=0.0 if norm is None else norm.eps, residual=residual,
                              kept=self.kept if self.record else None)
+
+
+@contextmanager
+def observing(observers):
+    """observers: {projection: fn(projection, input proper)}, set on the projections for the block."""
+    for proj, fn in observers.items():
+        proj.observer = fn
+    try:
+        yield
+    finally:
+        for proj in observers:
+            proj.observer = None
 
 
 class Attention(nn.Module):

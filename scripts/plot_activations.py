@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import thresholds
-from model import CheckpointError, load_checkpoint
+from model import CheckpointError, load_checkpoint, observing
 from tokenizer import TokenizerError, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,15 +57,9 @@ def collect(model, windows, layers):
             out[(layer, state)] = x[:, thresholds.SKIP:].float().flatten()
         return observer
 
-    observed = [(proj, keep(layer, i)) for layer in layers for i, (proj, _) in enumerate(model.layers[layer].projections())]
-    for proj, observer in observed:
-        proj.observer = observer
-    try:
-        with torch.no_grad():
-            model(windows, sparse=False)
-    finally:
-        for proj, _ in observed:
-            proj.observer = None
+    observers = {proj: keep(layer, i) for layer in layers for i, (proj, _) in enumerate(model.layers[layer].projections())}
+    with observing(observers), torch.no_grad():
+        model(windows, sparse=False)
     return out
 
 

@@ -9,7 +9,7 @@ stored) and work on any device. A bin is the top 16 bits of an fp32 |x|: one bin
 import torch
 from tqdm import tqdm
 
-from model import PROJECTIONS
+from model import PROJECTIONS, observing
 from thresholds.store import Thresholds, config_dict
 
 GRID = [round(0.05 * i, 2) for i in range(20)]  # sparsities 0, 0.05, ..., 0.95
@@ -62,19 +62,17 @@ def observe(model, windows, skip=SKIP, batch_size=1, thresholds=None, desc="dens
             counts[layer, i] += histogram(x[:, skip:])
         return observer
 
-    for layer, block in enumerate(model.layers):
-        for i, (proj, _) in enumerate(block.projections()):
-            proj.observer = count_into(layer, i)
+    observers = {proj: count_into(layer, i) for layer, block in enumerate(model.layers)
+                 for i, (proj, _) in enumerate(block.projections())}
     kept_thresholds = model.get_thresholds()
     try:
         if thresholds is not None:
             model.set_thresholds(thresholds)
-        for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False):
-            model(batch.to(device), sparse=thresholds is not None)
+        with observing(observers):
+            for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False):
+                model(batch.to(device), sparse=thresholds is not None)
     finally:
         model.set_thresholds(kept_thresholds)
-        for proj in model.projections():
-            proj.observer = None
     return counts.cpu()
 
 

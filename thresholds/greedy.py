@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import KVCache
+from model import KVCache, observing
 
 STEP = 0.01  # effective sparsity added per step
 TOP = 0.9  # search until the block's effective sparsity reaches this
@@ -92,13 +92,9 @@ def block_tail(model, layer, x, tail, table):
 
         for proj, cols in block.projections():
             proj.thresholds.copy_(thresholds[cols])
-        o, down = block.attention.o, block.feed_forward.down
-        o.observer, down.observer = from_input(3), from_input(6)
-        try:
+        with observing({block.attention.o: from_input(3), block.feed_forward.down: from_input(6)}):
             # Writes only the tail's cache slots, which the next run overwrites.
             y = block(x[:, P:], (cos[P:], sin[P:]), positions[P:], mask[P:], sparse=True)
-        finally:
-            o.observer = down.observer = None
         return y, thresholds
     return run
 
