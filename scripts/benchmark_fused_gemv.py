@@ -3,8 +3,9 @@
     python -m scripts.benchmark_fused_gemv --out benchmarks/results/fused_gemv_h100.json
 
 For each projection of a decode step, with the form the model would give it: the plain kernel on
-an input made beforehand; the fused call (prologue and residual in the launch); each part alone;
-and the unfused ops (torch prologue, plain kernel, torch add). CUDA-graph timing over weight
+an input made beforehand; the fused call (prologue and residual in the launch); the fused call
+that also counts the kept inputs (generate.py's decode step, which reports the measured sparsity);
+each part alone; and the unfused ops (torch prologue, plain kernel, torch add). CUDA-graph timing over weight
 copies (sparse_kernels.gemv.time_in_graph), each form timed twice, in opposite orders.
 """
 import argparse
@@ -39,10 +40,12 @@ def main():
         kw = {"norm": dict(norm_weight=torch.rand(K, device=dev, dtype=torch.bfloat16) + 0.5, norm_eps=1e-5), "none": {}}[form]
         xin = projection_input(x, **kw)
         r = torch.randn(1, N, device=dev, dtype=torch.bfloat16) if res else None
+        kept = torch.zeros(len(splits), dtype=torch.int64, device=dev)
         for s in (0.0, 0.5):
             t = torch.full((len(splits),), torch.quantile(xin.float().abs().flatten(), s).item() if s else 0.0, device=dev)
             fns = {"plain": [lambda pw=pw: sparse_linear(xin, pw, t) for pw in pws],
                    "fused": [lambda pw=pw: sparse_linear(x, pw, t, residual=r, **kw) for pw in pws],
+                   "fused, counted": [lambda pw=pw: sparse_linear(x, pw, t, residual=r, kept=kept, **kw) for pw in pws],
                    "prologue only": [lambda pw=pw: sparse_linear(x, pw, t, **kw) for pw in pws],
                    "residual only": [lambda pw=pw: sparse_linear(xin, pw, t, residual=r) for pw in pws],
                    "unfused ops": [lambda pw=pw: (lambda y: y if r is None else r + y)(sparse_linear(projection_input(x, **kw), pw, t))

@@ -160,7 +160,6 @@ def _sparse_gemv_kernel(
         rows = row_start + ks
         x = tl.load(src + rows, mask=rows < row_end, other=0.0).to(tl.float32)
         active = (tl.abs(x) > t) & (rows < row_end)
-        kept_rows = tl.zeros([BLOCK_K], dtype=tl.int32)
         if EVEN_N:
             # No column mask: a mask constant along a row keeps the loads 16 bytes wide.
             w_mask = active[:, None]
@@ -178,11 +177,17 @@ def _sparse_gemv_kernel(
             w_next = tl.load(w_ptr + rows_next[:, None] * N + cols[None, :], mask=w_mask, other=0.0)
             # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
             acc += tl.where(active, x, 0.0)[:, None] * w.to(tl.float32)
-            if COUNT:
-                kept_rows += active.to(tl.int32)
             x, active, w = x_next, active_next, w_next
         part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
-        kept = tl.sum(kept_rows, axis=0)
+        if COUNT:
+            kept = tl.zeros([], dtype=tl.int32)
+            if pid_n == first_block:
+                # After the loop and in the counting programs only, so the loop stays the plain
+                # kernel's: under register_cap, a counter there would take the tiles' registers.
+                for r0 in range(row_start, row_end, COMPACT_BLOCK):
+                    rr = r0 + tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
+                    xr = tl.load(src + rr, mask=rr < row_end, other=0.0).to(tl.float32)
+                    kept += tl.sum(((tl.abs(xr) > t) & (rr < row_end)).to(tl.int32), axis=0)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(row_start, row_end, BLOCK_K):
@@ -249,6 +254,7 @@ class Config:
 TILES = [(256, 32, 4), (256, 64, 8), (128, 64, 4), (512, 32, 8), (512, 16, 4), (1024, 16, 8)]
 ROWS_PER_PROGRAM = [128, 256, 512, 1024]
 COMPACT_BLOCK = 1024  # the most rows one program compacts, in one pass
+REGISTERS_PER_SM = 65536  # sm_70 to sm_100
 CANDIDATES = [Config(n, k, r, w, c) for n, k, w in TILES for r in ROWS_PER_PROGRAM for c in (True, False)]
 
 # Chosen by scripts/benchmark_gemv.py (tune() at 0% and 50% sparsity, bf16) on an H100 80GB HBM3,
@@ -279,6 +285,17 @@ def _sm_count(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 2  # the interpreter runs programs one by one: few, but still more than one split
+
+
+def register_cap(n_programs, num_warps, sms):
+    """The most registers a thread may take for all n_programs to be resident at once, or None
+    where that needs no cap (or cannot be had). The tuned grids are one wave of the plain masked
+    loop (128 registers a thread at 4 warps); its fused forms (norm, residual, count) made ptxas
+    take 168, one program an SM fewer, and then a second wave: down's 448 programs in 396 places,
+    +10 us a call. Capped, they fit in 128 (the norm's prologue spills a few bytes)."""
+    per_sm = triton.cdiv(n_programs, sms)
+    cap = REGISTERS_PER_SM // (per_sm * 32 * num_warps) // 8 * 8  # allocated 8 a thread at a time
+    return cap if 128 <= cap < 255 else None
 
 
 def default_config(K, splits, device):
@@ -378,6 +395,9 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
     partials, counters, index, value = workspace.get(x.device, partials=split_k * n_blocks * block_m * cfg.block_n,
                                                       counters=n_blocks, index=slots, value=slots)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    # The plain form keeps the registers its config was tuned with (the compact loop needs ~200).
+    fused = norm_weight is not None or residual is not None or kept is not None
+    cap = register_cap(n_blocks * split_k, cfg.num_warps, _sm_count(x.device)) if x.device.type == "cuda" and fused and not compact else None
     _sparse_gemv_kernel[(n_blocks, split_k)](
         x, data, thresholds, y, partials, counters, index, value,
         # Unused pointers get a tensor already at hand: the kernel never reads them.
@@ -391,7 +411,7 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
         COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
         NORM=norm_weight is not None, NORM_BLOCK=triton.next_power_of_2(K) if norm_weight is not None else 1,
         HAS_RESIDUAL=residual is not None, COUNT=kept is not None,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, **({} if cap is None else {"maxnreg": cap}),
     )
     return y
 

@@ -288,6 +288,30 @@ def test_fused_decode_matches_float64(loop, fmt, prologue, in_f, splits):
     assert torch.equal(y2.view(1, -1), y)
 
 
+def test_kept_count_over_long_ranges(triton_interpreter):
+    """A program's range longer than the counting pass's chunk (COMPACT_BLOCK rows): every chunk
+    is counted, by the first block's programs only, once."""
+    gemv = triton_interpreter
+    in_f, splits = gemv.COMPACT_BLOCK + 300, (24, 16)
+    x = torch.randn(1, in_f)
+    t = torch.tensor([0.5, 1.2])
+    kept = torch.zeros(2, dtype=torch.int64)
+    W = torch.randn(sum(splits), in_f)
+    y = gemv.sparse_gemv(x, pack_weight(W, "fp32", splits).data, t, splits, gemv.Config(16, 16, in_f + 16, 4, False), kept=kept)
+    check(y, reference(x, W, t, splits), x, "fp32")
+    assert torch.equal(kept, count_kept(x, t))
+
+
+def test_register_cap(triton_interpreter):
+    """A cap only where the grid fits the SMs in one wave at 128 or more registers a thread."""
+    cap = triton_interpreter.register_cap
+    assert cap(448, 4, 132) == 128  # down: 4 programs an SM
+    assert cap(384, 4, 132) == 168  # qkv: 3
+    assert cap(256, 4, 132) is None  # 2 an SM: any count of registers fits
+    assert cap(112, 8, 132) is None
+    assert cap(1792, 4, 132) is None  # several waves whatever the registers
+
+
 def test_fused_forms_for_several_rows(triton_interpreter):
     """More than one row: the norm, the count and the add run in torch around the kernel (or the
     masked matmul past MAX_KERNEL_ROWS), with the same results as the reference."""
