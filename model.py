@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse_kernels import (PackedWeight, decode_attention, rms_norm, runs_triton, silu_and_mul, sparse_linear, warm_up,
+from sparse_kernels import (PackedWeight, decode_attention, projection_input, rms_norm, runs_triton, sparse_linear, warm_up,
                             warm_up_attention)
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -87,8 +87,9 @@ class Projection(nn.Module):
     q, k and v share one input but each has its own threshold, so they are one weight with three
     segments (gate and up likewise with two): one kernel launch reads the union of active rows.
 
-    forward(x, sparse, norm, residual): the input proper is norm(x) (an RMSNorm) or x itself; with
-    a residual the result is residual + y. Sparse, the kernel does all of it in one launch.
+    forward(x, sparse, norm, swiglu, residual): x is what the block has at hand, the input proper
+    is norm(x) (an RMSNorm), silu(gate) * up of x = [gate | up] (swiglu), or x itself; with a
+    residual the result is residual + y. Sparse, the kernel does all of it in one launch.
     """
 
     def __init__(self, in_features, splits, fmt="bf16", device=None):
@@ -102,15 +103,15 @@ class Projection(nn.Module):
         # observer(projection, input proper): how calibration sees the input (eager only).
         self.observer = None
 
-    def forward(self, x, sparse, norm=None, residual=None):
+    def forward(self, x, sparse, norm=None, swiglu=False, residual=None):
+        norm_weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
         if self.observer is not None:
-            self.observer(self, x if norm is None else norm(x))
+            self.observer(self, projection_input(x, norm_weight, eps, swiglu))
         if not sparse:
-            y = self.weight(x if norm is None else norm(x))
+            y = self.weight(projection_input(x, norm_weight, eps, swiglu))
             return y if residual is None else residual + y
-        return sparse_linear(x, self.weight, self.thresholds, norm_weight=None if norm is None else norm.weight,
-                             norm_eps=0.0 if norm is None else norm.eps, residual=residual,
-                             kept=self.kept if self.record else None)
+        return sparse_linear(x, self.weight, self.thresholds, norm_weight=norm_weight, norm_eps=eps, swiglu=swiglu,
+                             residual=residual, kept=self.kept if self.record else None)
 
 
 @contextmanager
@@ -166,8 +167,8 @@ class FeedForward(nn.Module):
         self.down = Projection(self.hidden, (config.dim,), fmt, device)
 
     def forward(self, x, norm, sparse):
-        """x + down(silu(gate) * up) of norm(x): the norm and the add run inside the projections."""
-        return self.down(silu_and_mul(self.gate_up(x, sparse, norm=norm)), sparse, residual=x)
+        """x + down(silu(gate) * up) of norm(x): the norm, SwiGLU and the add run inside the projections."""
+        return self.down(self.gate_up(x, sparse, norm=norm), sparse, swiglu=True, residual=x)
 
 
 class RMSNorm(nn.Module):

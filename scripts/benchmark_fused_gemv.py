@@ -19,7 +19,7 @@ import triton
 from sparse_kernels import gemv, pack_weight, projection_input, sparse_linear
 
 SHAPES = [("qkv", 4096, (4096, 1024, 1024), "norm", False), ("o", 4096, (4096,), "none", True),
-          ("gate_up", 4096, (14336, 14336), "norm", False), ("down", 14336, (4096,), "none", True)]
+          ("gate_up", 4096, (14336, 14336), "norm", False), ("down", 14336, (4096,), "swiglu", True)]
 
 
 def main():
@@ -36,8 +36,9 @@ def main():
         N = sum(splits)
         pws = [pack_weight(torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02, "bf16", splits)
                for _ in range(gemv.weight_copies(K * N * 2, dev))]
-        x = torch.randn(1, K, device=dev, dtype=torch.bfloat16)
-        kw = {"norm": dict(norm_weight=torch.rand(K, device=dev, dtype=torch.bfloat16) + 0.5, norm_eps=1e-5), "none": {}}[form]
+        x = torch.randn(1, 2 * K if form == "swiglu" else K, device=dev, dtype=torch.bfloat16)
+        kw = {"norm": dict(norm_weight=torch.rand(K, device=dev, dtype=torch.bfloat16) + 0.5, norm_eps=1e-5),
+              "swiglu": dict(swiglu=True), "none": {}}[form]
         xin = projection_input(x, **kw)
         r = torch.randn(1, N, device=dev, dtype=torch.bfloat16) if res else None
         kept = torch.zeros(len(splits), dtype=torch.int64, device=dev)

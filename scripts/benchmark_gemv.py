@@ -99,15 +99,15 @@ def check():
                     assert err < (1e-5 if fmt == "fp32" else 1e-2), (fmt, in_f, splits, rows, err)
     assert (gemv.workspace.get(torch.device("cuda"), counters=1)[0] == 0).all()
 
-    # Fused decode forms (RMSNorm prologue, residual, kept count) against the float64
+    # Fused decode forms (norm or SwiGLU prologue, residual, kept count) against the float64
     # product of the input torch makes, in bf16 (the GPU rounds to nearest, as torch does).
-    for in_f, splits, form in [(4096, (4096, 1024, 1024), "norm"), (14336, (4096,), "none"), (777, (300, 77, 77), "norm"),
-                               (1000, (513,), "norm"), (4096, (14336, 14336), "norm")]:
+    for in_f, splits, form in [(4096, (4096, 1024, 1024), "norm"), (14336, (4096,), "swiglu"), (777, (300, 77, 77), "norm"),
+                               (1000, (513,), "swiglu"), (4096, (4096,), "none"), (4096, (14336, 14336), "norm")]:
         W = torch.randn(sum(splits), in_f, device="cuda", dtype=torch.bfloat16) * 0.02
         pw = pack_weight(W, "bf16", splits)
-        x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, 2 * in_f if form == "swiglu" else in_f, device="cuda", dtype=torch.bfloat16)
         kwargs = {"norm": dict(norm_weight=torch.rand(in_f, device="cuda", dtype=torch.bfloat16) + 0.5, norm_eps=1e-5),
-                  "none": {}}[form]
+                  "swiglu": dict(swiglu=True), "none": {}}[form]
         xin = projection_input(x, **kwargs)
         t = torch.quantile(xin.float().abs().flatten(), torch.tensor([0.3, 0.5, 0.7], device="cuda")[:len(splits)])
         res = torch.randn(1, sum(splits), device="cuda", dtype=torch.bfloat16)

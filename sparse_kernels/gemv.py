@@ -44,19 +44,22 @@ def _block_columns(pid_n, N, split1, split2, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _load_input(x_ptr, g_ptr, rows, ok, K, eps, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
-    """The projection's input at rows, fp32. NORM: RMSNorm(x) * g over x's K entries, each
-    step rounded to x's dtype as the unfused model rounds it, so the threshold sees the values it
-    would see there."""
+def _load_input(x_ptr, g_ptr, rows, ok, K, eps, PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr):
+    """The projection's input at rows, fp32. PROLOGUE 1: RMSNorm(x) * g over x's K entries;
+    2: silu(gate) * up with x = [gate | up]. Each step is rounded to x's dtype as the unfused model
+    rounds it, so the threshold sees the values it would see there."""
     dtype = x_ptr.dtype.element_ty
     a = tl.load(x_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-    if NORM:
+    if PROLOGUE == 1:
         g = tl.load(g_ptr + rows, mask=ok, other=0.0).to(tl.float32)
         # The whole row's rms, loaded after (so in flight beside) the loads above.
         hs = tl.arange(0, NORM_BLOCK)  # [NORM_BLOCK]
         h = tl.load(x_ptr + hs, mask=hs < K, other=0.0).to(tl.float32)
         rstd = tl.rsqrt(tl.sum(h * h, axis=0) / K + eps)
         a = ((a * rstd).to(dtype).to(tl.float32) * g).to(dtype).to(tl.float32)
+    elif PROLOGUE == 2:
+        up = tl.load(x_ptr + K + rows, mask=ok, other=0.0).to(tl.float32)
+        a = ((a / (1.0 + tl.exp(-a))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
     return a
 
 
@@ -78,13 +81,13 @@ def _sparse_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
     COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
-    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
+    PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
     pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
     on the union of the rows' active channels).
 
-    BLOCK_M = 1 only: NORM makes the input RMSNorm(x) * g inside the kernel (_load_input), COUNT
+    BLOCK_M = 1 only: PROLOGUE makes the input from x inside the loads (_load_input), and COUNT
     adds the number of active channels of each segment into kept_ptr (int64 [n_segments]): the
     first block of a segment counts them, its split_k programs one range each. Any BLOCK_M:
     HAS_RESIDUAL returns res + y, y rounded to x's dtype first, as the unfused model adds."""
@@ -106,7 +109,7 @@ def _sparse_gemv_kernel(
         # tiles whatever the sparsity.
         scratch = (pid_k * n_blocks + pid_n) * rows_per_split
         rows = row_start + tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
-        x = _load_input(x_ptr, g_ptr, rows, rows < row_end, K, eps, NORM, NORM_BLOCK)
+        x = _load_input(x_ptr, g_ptr, rows, rows < row_end, K, eps, PROLOGUE, NORM_BLOCK)
         active = (tl.abs(x) > t) & (rows < row_end)
         slot = scratch + tl.cumsum(active.to(tl.int32), axis=0) - 1  # [COMPACT_BLOCK]
         tl.store(index_ptr + slot, rows, mask=active)
@@ -142,12 +145,12 @@ def _sparse_gemv_kernel(
             w, val, idx_next, val_next = w_next, val_next, idx_after, val_after
         part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
     elif BLOCK_M == 1:
-        if NORM:
+        if PROLOGUE != 0:
             # The prologue once for the whole range, into this program's scratch slots: the loop
             # then loads x as it does with no prologue, nothing more on its chain of loads.
             scratch = (pid_k * n_blocks + pid_n) * rows_per_split
             rr = tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
-            xr = _load_input(x_ptr, g_ptr, row_start + rr, row_start + rr < row_end, K, eps, NORM, NORM_BLOCK)
+            xr = _load_input(x_ptr, g_ptr, row_start + rr, row_start + rr < row_end, K, eps, PROLOGUE, NORM_BLOCK)
             tl.store(value_ptr + scratch + rr, xr, mask=rr < rows_per_split)
             tl.debug_barrier()  # the loop's threads read slots that other threads wrote
             src = value_ptr + scratch - row_start  # x of row r at src + r, fp32
@@ -349,16 +352,21 @@ class _Workspace:
 workspace = _Workspace()
 
 
-def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=None, eps=0.0, residual=None, kept=None):
+def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=None, eps=0.0, swiglu=False,
+                residual=None, kept=None):
     """x: [M, K] (M <= MAX_ROWS); data: [K, N] weight; thresholds: fp32 [n_segments] (any stride);
     splits: segment widths summing to N. Returns y: [M, N] in x's dtype (written into out if given).
 
     Fused around the product (ops.sparse_linear documents them): norm_weight (the input is
-    RMSNorm(x) * norm_weight, eps) and kept (int64 [n_segments], += active channels), for M = 1
-    only; residual ([M, N]) for any M."""
+    RMSNorm(x) * norm_weight, eps) or swiglu (x: [1, 2K] = [gate | up], the input is silu(gate) * up),
+    and kept (int64 [n_segments], += active channels), for M = 1 only; residual ([M, N]) for any M."""
     M, K = x.shape
     N = data.shape[1]
-    if data.shape[0] != K or not data.is_contiguous() or x.stride(1) != 1:
+    prologue = 1 if norm_weight is not None else 2 if swiglu else 0
+    if prologue == 2:
+        K //= 2
+    if (data.shape[0] != K or x.shape[1] != K * (2 if swiglu else 1) or not data.is_contiguous()
+            or x.stride(1) != 1 or (prologue and not x.is_contiguous())):
         raise ValueError(f"x {tuple(x.shape)} (inner stride 1) and a contiguous [K, N] weight expected, got {tuple(data.shape)}")
     if x.dtype != data.dtype:
         raise ValueError(f"x is {x.dtype}, the weight {data.dtype}: the kernel computes in the weight's dtype")
@@ -368,10 +376,10 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
         raise ValueError("weights of 2**31 elements or more need 64-bit offsets")
     if thresholds.shape != (len(splits),) or thresholds.dtype != torch.float32:
         raise ValueError(f"thresholds must be fp32 [{len(splits)}], got {thresholds.dtype} {tuple(thresholds.shape)}")
-    if (norm_weight is not None or kept is not None) and M != 1:
-        raise ValueError("the fused norm and the kept count take one row of x")
-    if norm_weight is not None and norm_weight.shape != (K,):
-        raise ValueError(f"norm_weight must be [{K}]")
+    if (prologue or kept is not None) and M != 1:
+        raise ValueError("the fused prologues and the kept count take one row of x")
+    if norm_weight is not None and (norm_weight.shape != (K,) or swiglu):
+        raise ValueError(f"norm_weight must be [{K}] and excludes swiglu")
     if residual is not None and (residual.shape != (M, N) or residual.dtype != x.dtype or residual.stride() != (N, 1)):
         raise ValueError(f"residual must be a contiguous [{M}, {N}] {x.dtype} tensor")
     if kept is not None and (kept.shape != (len(splits),) or kept.dtype != torch.int64):
@@ -382,7 +390,7 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
     if block_m > 1:
         # Fewer, longer splits: the reduction reads 16 rows of partials per split.
         rows = max(rows, triton.cdiv(triton.cdiv(K, 8), cfg.block_k) * cfg.block_k)
-    if norm_weight is not None:
+    if prologue:
         rows = min(rows, COMPACT_BLOCK)  # the prologue runs over a program's rows in one pass
     split_k = triton.cdiv(K, rows)
     n_blocks = sum(triton.cdiv(w, cfg.block_n) for w in splits)
@@ -396,7 +404,7 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
                                                       counters=n_blocks, index=slots, value=slots)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     # The plain form keeps the registers its config was tuned with (the compact loop needs ~200).
-    fused = norm_weight is not None or residual is not None or kept is not None
+    fused = prologue or residual is not None or kept is not None
     cap = register_cap(n_blocks * split_k, cfg.num_warps, _sm_count(x.device)) if x.device.type == "cuda" and fused and not compact else None
     _sparse_gemv_kernel[(n_blocks, split_k)](
         x, data, thresholds, y, partials, counters, index, value,
@@ -409,7 +417,7 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
         # fp32 weights need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
         DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
         COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
-        NORM=norm_weight is not None, NORM_BLOCK=triton.next_power_of_2(K) if norm_weight is not None else 1,
+        PROLOGUE=prologue, NORM_BLOCK=triton.next_power_of_2(K) if prologue == 1 else 1,
         HAS_RESIDUAL=residual is not None, COUNT=kept is not None,
         num_warps=cfg.num_warps, **({} if cap is None else {"maxnreg": cap}),
     )

@@ -3,8 +3,8 @@
 Dispatch, per call:
 - CUDA tensors, and CPU tensors when TRITON_INTERPRET=1 (how CI runs the kernel), with at most
   MAX_ROWS rows of x: the Triton kernel (sparse_kernels/gemv.py), which reads the union of the
-  rows' active channels, and adds the residual; with one row (decode) it also runs the RMSNorm
-  prologue and the kept count in the same launch, else those run in torch before it;
+  rows' active channels, and adds the residual; with one row (decode) it also runs the prologue
+  (RMSNorm or SwiGLU) and the kept count in the same launch, else those run in torch before it;
 - more rows (prefill, large batches): a dense matmul on the masked input, one per segment. The
   union of 17+ rows' active channels is nearly every channel, so skipping rows buys little there,
   while tensor cores turn the product from bandwidth- into compute-bound;
@@ -41,22 +41,23 @@ def _masked_matmul(x, data, thresholds, splits):
     return torch.cat(parts, dim=-1)
 
 
-def _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, residual, kept):
+def _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, residual, kept):
     N = data.shape[1]
-    x2 = x.reshape(-1, x.shape[-1])  # [M, in]
+    x2 = x.reshape(-1, x.shape[-1])  # [M, in] (or [M, 2 * in] with swiglu)
     res2 = None if residual is None else residual.reshape(-1, N)
     M = x2.shape[0]
     # Decode (one row): the kernel's launch makes the input and counts it; else torch does, here.
     fused = M == 1 and runs_triton(x.device)
     if not fused:
-        x2 = projection_input(x2, norm_weight, norm_eps)
+        x2 = projection_input(x2, norm_weight, norm_eps, swiglu)
         if kept is not None:
             kept += count_kept(x2, thresholds)
     if 0 < M <= MAX_KERNEL_ROWS and runs_triton(x.device):
         from sparse_kernels.gemv import sparse_gemv
 
         y = sparse_gemv(x2.contiguous(), data, thresholds, splits, norm_weight=norm_weight if fused else None,
-                        eps=norm_eps, residual=None if res2 is None else res2.contiguous(), kept=kept if fused else None)
+                        eps=norm_eps, swiglu=swiglu and fused, residual=None if res2 is None else res2.contiguous(),
+                        kept=kept if fused else None)
         return y.reshape(*x.shape[:-1], N)
     if M == 0:
         y = x2.new_empty(0, N)
@@ -72,16 +73,16 @@ def _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, residual,
 # Two ops, with and without the kept count: inductor cannot lower a mutated argument that may be None.
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
 def sparse_linear_op(x: torch.Tensor, data: torch.Tensor, thresholds: torch.Tensor, splits: list[int],
-                     norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0,
+                     norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0, swiglu: bool = False,
                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, residual, None)
+    return _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, residual, None)
 
 
 @torch.library.custom_op("teal::sparse_linear_counted", mutates_args=("kept",))
 def sparse_linear_counted_op(x: torch.Tensor, data: torch.Tensor, thresholds: torch.Tensor, splits: list[int],
                              kept: torch.Tensor, norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0,
-                             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, residual, kept)
+                             swiglu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, residual, kept)
 
 
 @sparse_linear_op.register_fake
@@ -92,7 +93,7 @@ def _(x, data, *args, **kwargs):
 sparse_linear_counted_op.register_fake(_)
 
 
-def sparse_linear(x, pw, thresholds, *, norm_weight=None, norm_eps=0.0, residual=None, kept=None):
+def sparse_linear(x, pw, thresholds, *, norm_weight=None, norm_eps=0.0, swiglu=False, residual=None, kept=None):
     """y = (x * (|x| > t)) @ W.T with W = pw.dequantize(), one threshold per segment of pw.
 
     x: [..., in] in the weight's dtype; thresholds: float, 0-d tensor or [len(pw.splits)] tensor
@@ -100,16 +101,18 @@ def sparse_linear(x, pw, thresholds, *, norm_weight=None, norm_eps=0.0, residual
 
     Fused around it, so that a decode step needs no kernels of its own for them:
     - norm_weight, norm_eps: the input is RMSNorm(x) * norm_weight (x: the residual stream);
+    - swiglu: x is [..., 2 * in] = [gate | up] and the input is silu(gate) * up;
     - residual: [..., out]; returns residual + y (y rounded to x's dtype first);
     - kept: int64 [len(pw.splits)]; adds how many input entries each segment's threshold kept.
     Each is computed as reference.projection_input / count_kept do, rounded the same way.
     """
-    if x.shape[-1] != pw.in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {pw.in_features}")
+    in_features = pw.in_features * (2 if swiglu else 1)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
     t = segment_thresholds(thresholds, pw.splits, x.device)
     if kept is None:
-        return sparse_linear_op(x, pw.data, t, list(pw.splits), norm_weight, norm_eps, residual)
-    return sparse_linear_counted_op(x, pw.data, t, list(pw.splits), kept, norm_weight, norm_eps, residual)
+        return sparse_linear_op(x, pw.data, t, list(pw.splits), norm_weight, norm_eps, swiglu, residual)
+    return sparse_linear_counted_op(x, pw.data, t, list(pw.splits), kept, norm_weight, norm_eps, swiglu, residual)
 
 
 @torch.library.custom_op("teal::decode_attention", mutates_args=("k_cache", "v_cache"))

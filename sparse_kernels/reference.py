@@ -40,9 +40,11 @@ def silu_and_mul(x):
     return F.silu(gate) * up
 
 
-def projection_input(x, norm_weight=None, norm_eps=0.0):
-    """What sparse_linear's prologue makes of x: RMSNorm(x) * norm_weight, or x."""
-    return x if norm_weight is None else rms_norm(x, norm_weight, norm_eps)
+def projection_input(x, norm_weight=None, norm_eps=0.0, swiglu=False):
+    """What sparse_linear's prologue makes of x: RMSNorm(x) * norm_weight, silu_and_mul(x), or x."""
+    if norm_weight is not None:
+        return rms_norm(x, norm_weight, norm_eps)
+    return silu_and_mul(x) if swiglu else x
 
 
 def count_kept(x, thresholds):

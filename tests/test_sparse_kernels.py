@@ -186,7 +186,7 @@ def test_custom_op_registration(triton_interpreter):
     t = torch.tensor([0.1, 0.5, 0.9])
     torch.library.opcheck(sparse_linear_op, (x, pw.data, t, list(pw.splits)))
     g, res = torch.rand(40, dtype=torch.bfloat16) + 0.5, torch.randn(1, 1, 24, dtype=torch.bfloat16)
-    torch.library.opcheck(sparse_linear_op, (x, pw.data, t, list(pw.splits), g, 1e-5, res))
+    torch.library.opcheck(sparse_linear_op, (x, pw.data, t, list(pw.splits), g, 1e-5, False, res))
     torch.library.opcheck(sparse_linear_counted_op, (x, pw.data, t, list(pw.splits), torch.zeros(3, dtype=torch.int64)))
 
 
@@ -228,8 +228,8 @@ def test_setup_caches_sizes_the_workspace_before_decode(triton_interpreter):
     assert {kind: buf.data_ptr() for kind, buf in gemv.workspace.buffers[torch.device("cpu")].items()} == sized
 
 
-# The fused forms. The RMSNorm prologue rounds to x's dtype twice (x * rstd, then * weight) as the
-# unfused model does. The interpreter rounds fp32 -> bf16 toward
+# The fused forms. The prologues round to x's dtype twice (RMSNorm: x * rstd, then * weight;
+# SwiGLU: silu, then * up) as the unfused model does. The interpreter rounds fp32 -> bf16 toward
 # zero where torch (and the GPU) round to nearest, so the reference input is made with the rounding
 # of the platform the kernel runs on; the float64 product of that input is then the reference.
 
@@ -246,6 +246,9 @@ def kernel_input(x, kwargs, rnd):
     if "norm_weight" in kwargs:
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + kwargs["norm_eps"])
         return rnd(rnd(x32 * rstd) * kwargs["norm_weight"].float())
+    if kwargs.get("swiglu"):
+        gate, up = x32.chunk(2, dim=-1)
+        return rnd(rnd(gate * torch.sigmoid(gate)) * up)
     return x32
 
 
@@ -259,17 +262,18 @@ def fused_case(fmt, in_f, splits, prologue, rows=1, seed=0):
     """-> x, kwargs of sparse_linear, W, thresholds, residual."""
     torch.manual_seed(seed)
     dtype = DTYPES[fmt]
-    x = (torch.randn(rows, in_f) * 3).to(dtype)
-    kwargs = {"norm": dict(norm_weight=(torch.rand(in_f) + 0.5).to(dtype), norm_eps=1e-5), "none": {}}[prologue]
+    x = (torch.randn(rows, 2 * in_f if prologue == "swiglu" else in_f) * 3).to(dtype)
+    kwargs = {"norm": dict(norm_weight=(torch.rand(in_f) + 0.5).to(dtype), norm_eps=1e-5),
+              "swiglu": dict(swiglu=True), "none": {}}[prologue]
     t = midpoint_thresholds(projection_input(x, **kwargs), [0.2, 0.55, 0.9][:len(splits)])
     return x, kwargs, torch.randn(sum(splits), in_f).to(dtype), t, torch.randn(rows, sum(splits)).to(dtype)
 
 
 @pytest.mark.parametrize("fmt", DTYPES)
-@pytest.mark.parametrize("prologue", ["norm", "none"])
+@pytest.mark.parametrize("prologue", ["norm", "swiglu", "none"])
 @pytest.mark.parametrize("in_f,splits", [(100, (37, 20, 20)), (257, (100,)), (64, (33, 31))])
 def test_fused_decode_matches_float64(loop, fmt, prologue, in_f, splits):
-    """One row: RMSNorm, product, residual add and kept count in one launch, against the float64
+    """One row: prologue, product, residual add and kept count in one launch, against the float64
     product of the input the kernel should make, plus the residual; outputs and scratch poisoned."""
     x, kwargs, W, t, res = fused_case(fmt, in_f, splits, prologue)
     xin = kernel_input(x, kwargs, kernel_rounding(x.dtype))
@@ -278,7 +282,7 @@ def test_fused_decode_matches_float64(loop, fmt, prologue, in_f, splits):
     poison_workspace(loop)
     out = torch.full((1, sum(splits)), math.nan, dtype=x.dtype)
     y = loop.sparse_gemv(x, pw.data, t, splits, out=out, residual=res, kept=kept,
-                         norm_weight=kwargs.get("norm_weight"), eps=kwargs.get("norm_eps", 0.0))
+                         norm_weight=kwargs.get("norm_weight"), eps=kwargs.get("norm_eps", 0.0), swiglu=kwargs.get("swiglu", False))
     ref = res.double() + reference(xin, W, t, splits)
     assert torch.isfinite(y).all()
     assert ((y.double() - ref).norm() / ref.norm()).item() < TOLERANCE[fmt]
@@ -312,11 +316,12 @@ def test_register_cap(triton_interpreter):
     assert cap(1792, 4, 132) is None  # several waves whatever the registers
 
 
-def test_fused_forms_for_several_rows(triton_interpreter):
-    """More than one row: the norm, the count and the add run in torch around the kernel (or the
+@pytest.mark.parametrize("prologue", ["norm", "swiglu"])
+def test_fused_forms_for_several_rows(triton_interpreter, prologue):
+    """More than one row: the prologue, the count and the add run in torch around the kernel (or the
     masked matmul past MAX_KERNEL_ROWS), with the same results as the reference."""
     for rows in (3, MAX_KERNEL_ROWS + 1):
-        x, kwargs, W, t, res = fused_case("fp32", 64, (40, 24), "norm", rows=rows, seed=rows)
+        x, kwargs, W, t, res = fused_case("fp32", 64, (40, 24), prologue, rows=rows, seed=rows)
         xin = projection_input(x, **kwargs)
         pw = pack_weight(W, "fp32", (40, 24))
         kept = torch.zeros(2, dtype=torch.int64)
@@ -338,7 +343,7 @@ def test_residual_for_several_rows_in_the_kernel(triton_interpreter):
 
 def test_fused_forms_on_plain_cpu(triton_interpreter, monkeypatch):
     """Without the interpreter the torch reference serves the same calls."""
-    x, kwargs, W, t, res = fused_case("fp32", 48, (30,), "norm")
+    x, kwargs, W, t, res = fused_case("fp32", 48, (30,), "swiglu")
     xin = projection_input(x, **kwargs)
     pw = pack_weight(W, "fp32")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -361,3 +366,5 @@ def test_fused_bad_arguments(triton_interpreter):
         gemv.sparse_gemv(torch.randn(1, 16), W, t, (8,), residual=torch.ones(1, 9))
     with pytest.raises(ValueError, match="kept"):
         gemv.sparse_gemv(torch.randn(1, 16), W, t, (8,), kept=torch.zeros(1))
+    with pytest.raises(ValueError, match="features"):
+        sparse_linear(torch.randn(16), pack_weight(torch.randn(8, 16), "fp32"), 0.1, swiglu=True)
