@@ -1,18 +1,26 @@
 """The Triton decode-attention kernel against a float64 reference, on the CPU through the Triton
 interpreter (TRITON_INTERPRET=1 for this module only, as in test_sparse_kernels.py).
 
+A program holds all q heads of one kv head (its group) as rows of a tile of at least 16: the shapes
+cover groups of 1, 2, 3 and 4 (padding rows in each), batches above 1, one split and several, and
+positions 0, mid-cache and the last slot.
+
 Tolerances (relative Frobenius error of y vs float64): fp32 1e-5; bf16 and fp16 1e-2. The
 interpreter rounds fp32 -> bf16 toward zero (the GPU, like torch, to nearest), so the reference's
 bf16 rope rounds toward zero too: the cache row the kernel writes is then bitwise the reference's in
-every dtype, and y's bf16 error is ~4e-3 (against torch's rounding it would be up to ~1e-2, all of
-it from q's rope rounding the other way).
+every dtype, and y's bf16 error is up to ~5e-3, ~1e-3 of it from p rounded (toward zero) to bf16
+for the p.v product as on the GPU (against torch's rounding it would be up to ~1e-2, nearly all of it
+from q's rope rounding the other way).
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.helpers import interpreted, random_model
+from tests.helpers import REPO, interpreted, random_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
@@ -86,7 +94,9 @@ def run_and_check(att, B, heads, S, D, pos, fmt):
     att.warm_up_attention(B, n_head, S, D, "cpu")  # the call below then keeps these buffers
     partials, counters = att.workspace.get(torch.device("cpu"), partials=1, counters=1)
     partials.fill_(math.nan)  # a partial read before it is written fails
-    out = torch.full((B, n_head * D), math.nan, dtype=dtype)
+    # y's rows, then one more: a padding row stored past the last q head would land there.
+    poisoned = torch.full((B + 1, n_head * D), math.nan, dtype=dtype)
+    out = poisoned[:B]
     pos_t = torch.tensor([pos], dtype=torch.int32 if pos % 2 else torch.int64)
     y = att.decode_attention(qkv, k_cache, v_cache, cos, sin, pos_t, n_head, n_kv_head, out=out)
 
@@ -94,7 +104,10 @@ def run_and_check(att, B, heads, S, D, pos, fmt):
     assert torch.isfinite(y).all()
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert err < TOLERANCE[fmt], err
-    assert (counters == 0).all(), "the last program of each head resets its counter"
+    assert poisoned[B].isnan().all(), "nothing stored past y"
+    used = att.attention_workspace_sizes(B, n_head, S, D, torch.device("cpu"), n_kv_head)["partials"]
+    assert partials[used:].isnan().all(), "nothing stored past the partials these shapes need"
+    assert (counters == 0).all(), "the last program of each kv head resets its counter"
     # Every slot but pos unchanged (NaN included), bitwise.
     others = torch.arange(S) != pos
     assert torch.equal(bits(k_cache[:, :, others]), bits(k_after[:, :, others]))
@@ -114,30 +127,58 @@ def test_matches_float64(small_tiles, B, heads, D, S, fmt):
         run_and_check(small_tiles, B, heads, S, D, pos, fmt)
 
 
+@pytest.mark.parametrize("B,heads,D,S", [(2, (2, 2), 16, 37), (2, (8, 2), 16, 37), (2, (6, 2), 32, 50)])
+def test_groups_match_float64(small_tiles, B, heads, D, S):
+    """More group sizes (1, 4, and 3) with two sequences, in bf16 only: the rows' indexing does not
+    depend on the dtype, and the interpreter is slow."""
+    for pos in [0, S // 2, S - 1]:
+        run_and_check(small_tiles, B, heads, S, D, pos, "bf16")
+
+
 def test_split_plan(small_tiles):
-    """The shapes above cover several splits of one or more tiles, the last one short, and (for
-    pos < S - chunk) empty ones; the plan never depends on pos."""
+    """The shapes above (B * n_kv_head programs a split) cover several splits of one or more tiles,
+    the last one short, and (for pos < S - chunk) empty ones; the plan never depends on pos."""
     cpu = torch.device("cpu")
-    assert small_tiles.split_plan(4, 37, cpu) == (5, 8)
-    assert small_tiles.split_plan(3, 100, cpu) == (7, 16)  # 2 tiles a split, the last [96, 100)
+    assert small_tiles.split_plan(2, 37, cpu) == (5, 8)  # the last [32, 37)
+    assert small_tiles.split_plan(4, 100, cpu) == (7, 16)  # 2 tiles a split, the last [96, 100)
+    assert small_tiles.split_plan(4, 50, cpu) == (7, 8)  # the last [48, 50)
+    assert small_tiles.split_plan(1, 100, cpu) == (13, 8)
     assert small_tiles.split_plan(12, 37, cpu) == (3, 16)  # the last [32, 37)
-    assert small_tiles.split_plan(9, 37, cpu) == (3, 16)
 
 
-@pytest.mark.parametrize("B,heads,S,D,n_splits", [(3, (4, 2), 37, 16, 1), (1, (3, 1), 100, 16, 2), (1, (4, 4), 100, 64, 2)])
+@pytest.mark.parametrize("B,heads,S,D,n_splits", [(3, (4, 2), 37, 16, 1), (1, (3, 1), 100, 16, 2), (1, (4, 4), 100, 64, 2),
+                                                  (2, (6, 2), 37, 16, 1)])
 def test_default_plan(attention, B, heads, S, D, n_splits):
     """The plan as shipped (BLOCK_T positions a tile, 2 'SMs' on the CPU): one split, or two."""
-    assert attention.split_plan(B * heads[0], S, torch.device("cpu"))[0] == n_splits
+    assert attention.split_plan(B * heads[1], S, torch.device("cpu"))[0] == n_splits
     for pos in [0, S - 1]:
         run_and_check(attention, B, heads, S, D, pos, "bf16")
 
 
 def test_workspace_sizes(small_tiles):
-    sizes = small_tiles.attention_workspace_sizes(3, 4, 37, 16, torch.device("cpu"))
-    assert sizes == {"partials": 12 * 3 * 18, "counters": 12}
-    small_tiles.warm_up_attention(3, 4, 37, 16, "cpu")
-    partials, counters = small_tiles.workspace.get(torch.device("cpu"), partials=1, counters=1)
-    assert partials.numel() >= sizes["partials"] and counters.numel() >= sizes["counters"]
+    cpu = torch.device("cpu")
+    # 36 q heads of 18 floats a split: 1 split over 36 kv heads, 3 over 9 (split_plan(9, 37) == (3, 16)).
+    assert small_tiles.attention_workspace_sizes(3, 12, 37, 16, cpu, 12) == {"partials": 36 * 1 * 18, "counters": 36}
+    assert small_tiles.attention_workspace_sizes(3, 12, 37, 16, cpu, 3) == {"partials": 36 * 3 * 18, "counters": 9}
+    # Without n_kv_head: the splits of one kv head a sequence (5) and a counter a q head.
+    bound = small_tiles.attention_workspace_sizes(3, 12, 37, 16, cpu)
+    assert bound == {"partials": 36 * 5 * 18, "counters": 36}
+    small_tiles.warm_up_attention(3, 12, 37, 16, "cpu")
+    partials, counters = small_tiles.workspace.get(cpu, partials=1, counters=1)
+    assert partials.numel() >= bound["partials"] and counters.numel() >= bound["counters"]
+
+
+@pytest.mark.parametrize("sms", [2, 132])
+def test_warm_up_bounds_every_kv_head_count(attention, monkeypatch, sms):
+    """The model warms up knowing n_head only, and inside a CUDA graph the workspace cannot grow:
+    that size must cover every n_kv_head dividing n_head (shipped tiles; the CPU's 2 'SMs', an H100's 132)."""
+    monkeypatch.setattr(attention, "_sm_count", lambda device: sms)
+    cpu = torch.device("cpu")
+    for B, n_head, S in [(1, 12, 37), (3, 12, 300), (1, 32, 8192), (16, 32, 8192), (64, 32, 4096)]:
+        bound = attention.attention_workspace_sizes(B, n_head, S, 128, cpu)
+        for n_kv_head in (k for k in range(1, n_head + 1) if n_head % k == 0):
+            exact = attention.attention_workspace_sizes(B, n_head, S, 128, cpu, n_kv_head)
+            assert all(exact[kind] <= bound[kind] for kind in bound), (B, n_head, S, n_kv_head, exact, bound)
 
 
 def test_rejects_bad_shapes(attention):
@@ -154,6 +195,9 @@ def test_rejects_bad_shapes(attention):
     odd = torch.zeros(1, 2, 8, 12)
     with pytest.raises(ValueError):
         attention.decode_attention(torch.zeros(1, 96), odd, odd, cos[:12], sin[:12], pos, 4, 2)
+    narrow = torch.zeros(1, 2, 8, 8)  # a power of two, but under tl.dot's 16
+    with pytest.raises(ValueError):
+        attention.decode_attention(torch.zeros(1, 64), narrow, narrow, cos[:8], sin[:8], pos, 4, 2)
 
 
 def decode_logits(model, steps, sparse):
@@ -215,3 +259,22 @@ def test_decode_attention_op_compiles_once(attention):
     assert counter.frame_count == 1
     torch.library.opcheck(torch.ops.teal.decode_attention.default,
                           (qkv, caches[0], caches[1], cos, sin, pos, n_head, n_kv))
+
+
+def test_benchmark_check_on_the_cpu(attention):
+    """scripts/benchmark_attention's case, float64 reference and SDPA call, in fp32 through the
+    interpreter: the kernel's cache row is bitwise eager rope's, and both errors are tiny."""
+    from scripts.benchmark_attention import check, make_case
+
+    torch.manual_seed(0)
+    for n_head, n_kv_head in [(4, 1), (4, 4), (6, 2)]:
+        got = check(make_case(n_head, n_kv_head, 16, 40, torch.float32, "cpu"), n_head, n_kv_head)
+        assert got["cache_row_bitwise"] and got["max_abs_err"] < 1e-5 and got["sdpa_max_abs_err"] < 1e-5, got
+
+
+def test_benchmark_refuses_without_cuda(tmp_path):
+    out = tmp_path / "attention.json"
+    done = subprocess.run([sys.executable, "-m", "scripts.benchmark_attention", "--out", str(out)], cwd=REPO,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error:") and not out.exists()
