@@ -41,6 +41,9 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 4
 MAX_SPLITS = 64  # the combine holds one q head's [n_splits, D] partials in registers
+# Up to this many partial values (HEADS x SPLITS x D) the combine reads a kv head's whole group in
+# one round of loads; one q head after another, it took ~2 us more a layer at a 205-token cache.
+COMBINE_AT_ONCE = tl.constexpr(8192)
 
 
 @triton.jit
@@ -61,7 +64,7 @@ def _rope(ptr, cos, sin, D: tl.constexpr):
 def _decode_attention_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, y_ptr, partial_ptr, count_ptr,
     S, chunk, n_head, n_kv_head, qk_scale,
-    D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_BLOCK: tl.constexpr, HEADS: tl.constexpr, SPLITS: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
     """Program (bg, s): the q heads of kv head g = bg % n_kv_head of sequence bg // n_kv_head, a
@@ -151,20 +154,34 @@ def _decode_attention_kernel(
         if arrived == n_splits - 1:
             ss = tl.arange(0, SPLITS)  # [SPLITS]
             live = ss < n_splits
-            # One q head at a time: [SPLITS, D] partials in registers, not [GROUP_BLOCK, SPLITS, D].
-            for r in range(group):
-                h = b * n_head + g * group + r
-                hs = h * n_splits + ss  # [SPLITS]
+            if HEADS * SPLITS * D <= COMBINE_AT_ONCE:
+                # The whole group in one round of loads (a short cache: few splits).
+                hr = tl.arange(0, HEADS)  # [HEADS]
+                hs = (b * n_head + g * group + hr)[:, None] * n_splits + ss[None, :]  # [HEADS, SPLITS]
+                ok = (hr < group)[:, None] & live[None, :]
                 # .cg: read at L2, where the other SMs' partials are, never a stale L1 line.
-                ms = tl.load(stats_ptr + hs * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
-                ls = tl.load(stats_ptr + hs * 2 + 1, mask=live, other=0.0, cache_modifier=".cg")
-                accs = tl.load(partial_ptr + hs[:, None] * D + d[None, :], mask=live[:, None], other=0.0,
-                               cache_modifier=".cg")  # [SPLITS, D]
-                m_all = tl.max(ms, axis=0)  # finite: the split holding pos attended to it
-                w = tl.exp2(ms - m_all)  # [SPLITS]: 0 for empty splits (m = -inf, l = 0, acc = 0)
-                total = tl.sum(accs * w[:, None], axis=0)  # [D]
-                y = total / tl.sum(ls * w, axis=0)
-                tl.store(y_ptr + h * D + d, y.to(y_ptr.dtype.element_ty))
+                ms = tl.load(stats_ptr + hs * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                ls = tl.load(stats_ptr + hs * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                accs = tl.load(partial_ptr + hs[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                               cache_modifier=".cg")  # [HEADS, SPLITS, D]
+                m_all = tl.max(ms, axis=1)  # [HEADS]: finite for real heads (a split held pos)
+                w = tl.exp2(ms - m_all[:, None])  # [HEADS, SPLITS]: 0 for empty splits; padding heads never stored
+                y = tl.sum(accs * w[:, :, None], axis=1) / tl.sum(ls * w, axis=1)[:, None]  # [HEADS, D]
+                tl.store(y_ptr + (b * n_head + g * group + hr)[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty),
+                         mask=(hr < group)[:, None])
+            else:
+                # One q head at a time: [SPLITS, D] partials in registers, not [HEADS, SPLITS, D].
+                for r in range(group):
+                    h = b * n_head + g * group + r
+                    hs = h * n_splits + ss  # [SPLITS]
+                    ms = tl.load(stats_ptr + hs * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
+                    ls = tl.load(stats_ptr + hs * 2 + 1, mask=live, other=0.0, cache_modifier=".cg")
+                    accs = tl.load(partial_ptr + hs[:, None] * D + d[None, :], mask=live[:, None], other=0.0,
+                                   cache_modifier=".cg")  # [SPLITS, D]
+                    m_all = tl.max(ms, axis=0)  # finite: the split holding pos attended to it
+                    w = tl.exp2(ms - m_all)  # [SPLITS]: 0 for empty splits (m = -inf, l = 0, acc = 0)
+                    y = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)  # [D]
+                    tl.store(y_ptr + h * D + d, y.to(y_ptr.dtype.element_ty))
             tl.store(count_ptr + bg, 0)  # reset for the next call and for CUDA-graph replays
 
 
@@ -217,7 +234,7 @@ def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head, ou
         qkv, k_cache, v_cache, cos, sin, pos, y, partials, counters,
         S, chunk, n_head, n_kv_head, math.log2(math.e) / math.sqrt(D),
         D=D, BLOCK_T=BLOCK_T, GROUP_BLOCK=max(16, triton.next_power_of_2(n_head // n_kv_head)),
-        SPLITS=triton.next_power_of_2(n_splits),
+        HEADS=triton.next_power_of_2(n_head // n_kv_head), SPLITS=triton.next_power_of_2(n_splits),
         # fp32 caches need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
         DOT_FP32=qkv.dtype == torch.float32 or qkv.device.type == "cpu",
         # No fused multiply-adds: rope rounds x * cos to the dtype before adding, as eager torch

@@ -135,6 +135,14 @@ def test_groups_match_float64(small_tiles, B, heads, D, S):
         run_and_check(small_tiles, B, heads, S, D, pos, "bf16")
 
 
+@pytest.mark.parametrize("at_once", [0, 1 << 20])
+def test_both_combines_match_float64(small_tiles, monkeypatch, at_once):
+    """The combine of a kv head's q heads one after another (long caches) and all at once (short)."""
+    monkeypatch.setattr(small_tiles, "COMBINE_AT_ONCE", at_once)
+    for pos in [0, 36]:
+        run_and_check(small_tiles, 2, (6, 2), 37, 16, pos, "bf16")
+
+
 def test_split_plan(small_tiles):
     """The shapes above (B * n_kv_head programs a split) cover several splits of one or more tiles,
     the last one short, and (for pos < S - chunk) empty ones; the plan never depends on pos."""
