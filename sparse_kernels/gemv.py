@@ -360,12 +360,13 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
     Fused around the product (ops.sparse_linear documents them): norm_weight (the input is
     RMSNorm(x) * norm_weight, eps) or swiglu (x: [1, 2K] = [gate | up], the input is silu(gate) * up),
     and kept (int64 [n_segments], += active channels), for M = 1 only; residual ([M, N]) for any M."""
-    M, K = x.shape
-    N = data.shape[1]
+    if norm_weight is not None and swiglu:
+        raise ValueError("norm_weight and swiglu exclude each other: one prologue a launch")
     prologue = 1 if norm_weight is not None else 2 if swiglu else 0
-    if prologue == 2:
-        K //= 2
-    if (data.shape[0] != K or x.shape[1] != K * (2 if swiglu else 1) or not data.is_contiguous()
+    M = x.shape[0]
+    K = x.shape[1] // 2 if swiglu else x.shape[1]  # the weight's in_features
+    N = data.shape[1]
+    if (data.shape[0] != K or x.shape[1] != (2 * K if swiglu else K) or not data.is_contiguous()
             or x.stride(1) != 1 or (prologue and not x.is_contiguous())):
         raise ValueError(f"x {tuple(x.shape)} (inner stride 1) and a contiguous [K, N] weight expected, got {tuple(data.shape)}")
     if x.dtype != data.dtype:
@@ -378,8 +379,8 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
         raise ValueError(f"thresholds must be fp32 [{len(splits)}], got {thresholds.dtype} {tuple(thresholds.shape)}")
     if (prologue or kept is not None) and M != 1:
         raise ValueError("the fused prologues and the kept count take one row of x")
-    if norm_weight is not None and (norm_weight.shape != (K,) or swiglu):
-        raise ValueError(f"norm_weight must be [{K}] and excludes swiglu")
+    if norm_weight is not None and norm_weight.shape != (K,):
+        raise ValueError(f"norm_weight must be [{K}]")
     if residual is not None and (residual.shape != (M, N) or residual.dtype != x.dtype or residual.stride() != (N, 1)):
         raise ValueError(f"residual must be a contiguous [{M}, {N}] {x.dtype} tensor")
     if kept is not None and (kept.shape != (len(splits),) or kept.dtype != torch.int64):
@@ -405,7 +406,9 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
     y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     # The plain form keeps the registers its config was tuned with (the compact loop needs ~200).
     fused = prologue or residual is not None or kept is not None
-    cap = register_cap(n_blocks * split_k, cfg.num_warps, _sm_count(x.device)) if x.device.type == "cuda" and fused and not compact else None
+    cap = None
+    if x.device.type == "cuda" and fused and not compact:
+        cap = register_cap(n_blocks * split_k, cfg.num_warps, _sm_count(x.device))
     _sparse_gemv_kernel[(n_blocks, split_k)](
         x, data, thresholds, y, partials, counters, index, value,
         # Unused pointers get a tensor already at hand: the kernel never reads them.
