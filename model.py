@@ -137,14 +137,17 @@ class Attention(nn.Module):
         self.kv_cache = None
 
     def forward(self, x, norm, rope, input_pos, mask, sparse):
-        """x + attention(norm(x)): the norm and the residual add run inside the projections."""
+        """x + attention(norm(x)): the norm and the residual add run inside the projections.
+        rope: the model's (cos, sin) tables, (block_size, head_dim) each."""
         B, T, _ = x.shape
         qkv = self.qkv(x, sparse, norm=norm)
         if input_pos is not None and T == 1 and runs_triton(x.device):
             # Decode: the rope, cache write and attention below, as one kernel.
-            y = decode_attention(qkv.view(B, -1), self.kv_cache.k, self.kv_cache.v, rope[0].view(-1), rope[1].view(-1),
-                                 input_pos, self.n_head, self.n_kv_head)
+            y = decode_attention(qkv.view(B, -1), self.kv_cache.k, self.kv_cache.v, *rope, input_pos,
+                                 self.n_head, self.n_kv_head)
             return self.o(y.view(B, 1, -1), sparse, residual=x)
+        positions = torch.arange(T, device=x.device) if input_pos is None else input_pos
+        rope = (rope[0][positions], rope[1][positions])  # (T, head_dim) each
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
@@ -238,8 +241,6 @@ class Transformer(nn.Module):
         sparse = T == 1 if sparse is None else sparse
         if sparse and self.record:
             self.recorded_tokens += B * T
-        positions = torch.arange(T, device=idx.device) if input_pos is None else input_pos
-        rope = (self.rope_cos[positions], self.rope_sin[positions])  # (T, head_dim) each
         mask = None
         if input_pos is not None:
             if self.layers[0].attention.kv_cache is None:
@@ -249,7 +250,7 @@ class Transformer(nn.Module):
             mask = input_pos[:, None] >= torch.arange(cache_len, device=idx.device)  # (T, cache_len)
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
-            x = layer(x, rope, input_pos, mask, sparse)
+            x = layer(x, (self.rope_cos, self.rope_sin), input_pos, mask, sparse)
         return self.output(self.norm(x))  # (B, T, vocab_size)
 
     def projections(self):

@@ -3,18 +3,23 @@ and attend over cache positions 0..pos (flash-decoding).
 
 Work decomposition: a 2-D grid over (batch x kv head, splits of the cache). Program (bg, s) takes the
 group = n_head // n_kv_head q heads that share kv head g as the rows of a [GROUP_BLOCK, D] tile and
-attends them over positions [s * chunk, min((s + 1) * chunk, pos + 1)), BLOCK_T a tile, with an
-online softmax per row: each K/V tile is read once for the whole group, not once a q head. Both
-products are tensor-core dots (tl.dot) accumulating in fp32, q [GROUP_BLOCK, D] x K^T [D, BLOCK_T]
-and p [GROUP_BLOCK, BLOCK_T] x V [BLOCK_T, D]: written as fp32 broadcast products they held
-[GROUP_BLOCK, BLOCK_T, D] in registers and spilled. GROUP_BLOCK is at least 16, the rows of one MMA
-instruction (m16n8k16), so a group of 1 to 16 q heads costs the same; padding rows repeat the last q
-head and are never stored. It writes an fp32 partial (running max, sum, weighted values) per q head.
-The new token's k and v come from qkv in registers, not from the cache, so no program waits for
-another's cache write; the one program whose split holds pos writes them. The last of a kv head's
-n_splits programs to finish combines each q head's partials in split order (deterministic) and
-writes y: one launch, no second pass. The grid depends on (B * n_kv_head, S, device) only, never on
-pos, which is read on the device: one CUDA graph serves every position.
+attends them over split s of positions 0..pos, BLOCK_T a tile, with an online softmax per row: each
+K/V tile is read once for the whole group, not once a q head. Both products are tensor-core dots
+(tl.dot) accumulating in fp32, q [GROUP_BLOCK, D] x K^T [D, BLOCK_T] and p [GROUP_BLOCK, BLOCK_T] x
+V [BLOCK_T, D]: written as fp32 broadcast products they held [GROUP_BLOCK, BLOCK_T, D] in registers
+and spilled. GROUP_BLOCK is at least 16, the rows of one MMA instruction (m16n8k16), so a group of 1
+to 16 q heads costs the same; padding rows repeat the last q head and are never stored.
+
+The grid depends on (B * n_kv_head, S, device) only, so one CUDA graph serves every position; the
+split of the pos + 1 live positions is made on the device from pos (split_chunk): whole tiles over
+as many of the grid's splits as that needs, and the others exit at once. A short context in a long
+cache (a chat's start) thus runs few splits, and one tile needs no combine.
+With more than one live split, each writes an fp32 partial (running max, sum, weighted values) per
+q head and the last of a kv head's live splits to finish combines them in split order
+(deterministic): one launch, no second pass. The new token's k and v come from qkv in registers, not
+from the cache, so no program waits for another's cache write; the one program whose split holds
+pos writes them. cos and sin are the whole rotary tables, their row pos read here: a row gathered
+outside would be one more small kernel a layer in a compiled step.
 
 Imported only when a call runs on Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 as gemv.py is.
@@ -27,23 +32,26 @@ import triton.language as tl
 
 from sparse_kernels.gemv import _sm_count, workspace
 
-# Measured on an H100 (bf16, one CUDA graph) when a program held one q head: 64-position tiles and
-# ~4 programs an SM beat 32 and 2 by 1.2x-2x from S = 1024 to 8192 (Llama-3-8B heads at S = 8192:
-# 38 us against 77 us). Not timed since a program holds a kv head's group and multiplies with tl.dot
-# (scripts/benchmark_attention.py times it). ptxas for sm_90a (16 rows, D = 128, SPLITS = 64), no
-# spills anywhere: 64 positions and 4 warps take the fewest registers a byte of K/V tile, 112
-# (triton 3.6) or 128 (3.9) a thread; 8 warps take 76-80, twice the threads on the same tile.
+# Measured on an H100 (bf16, one CUDA graph) when a program held one q head: 64-position tiles beat
+# 32 by 1.2x-2x from S = 1024 to 8192. ptxas for sm_90a (16 rows, D = 128), no spills anywhere:
+# 64 positions and 4 warps take the fewest registers a byte of K/V tile, 116-128 a thread (triton
+# 3.6 and 3.9). 8 warps won on Llama-70B heads but lost overall: 1.11x the best SDPA time in
+# geometric mean against 1.03x (H100 sweep, 2026-11-25, benchmarks/results/attention_sweep_h100.json).
 BLOCK_T = 64  # cache positions a tile
 NUM_WARPS = 4
-# Two K/V tile buffers (38 KiB of shared memory a program) let PROGRAMS_PER_SM programs share an
-# SM; triton's default three (70 KiB) fit three. A third buffer would buy little: the split plan
-# gives a program few tiles (two at S = 8192 on Llama-3-8B heads).
+# Two K/V tile buffers (38 KiB of shared memory a program) let up to 4 programs share an SM;
+# triton's default three (70 KiB) fit three.
 NUM_STAGES = 2
-PROGRAMS_PER_SM = 4
-MAX_SPLITS = 64  # the combine holds one q head's [n_splits, D] partials in registers
-# Up to this many partial values (HEADS x SPLITS x D) the combine reads a kv head's whole group in
-# one round of loads; one q head after another, it took ~2 us more a layer at a 205-token cache.
-COMBINE_AT_ONCE = tl.constexpr(8192)
+# The grid's splits: about this many programs an SM over all kv heads. Against 4 (and against at
+# least 2 or 4 tiles a split) on Llama-3-8B, Llama-2-7B and 70B heads from 256 to 8192 positions,
+# 2 was the best all-round: 3% slower than the best SDPA backend in geometric mean, faster than it
+# at every length on Llama-3-8B heads; 4 took a round of the combine more at long caches.
+PROGRAMS_PER_SM = 2
+MAX_SPLITS = 64  # bounds the partials' workspace and the combine's rounds
+# Partial values (HEADS x splits x D) a round of the combine's loads takes, all q heads at once. One
+# q head after another cost ~2 us more a layer at a 205-token cache (H100), and on Llama-70B heads
+# (8 a group) at 1024 positions 14.8 us against 9.0 for the group at once (H200).
+COMBINE_AT_ONCE = 8192
 
 
 @triton.jit
@@ -61,29 +69,66 @@ def _rope(ptr, cos, sin, D: tl.constexpr):
 
 
 @triton.jit
+def _combine(partial_ptr, stats_ptr, y_ptr, first, group, n_splits, live, D: tl.constexpr, HEADS: tl.constexpr,
+             SPLITS: tl.constexpr):
+    """y of q heads first..first + group from their first `live` partials: the whole group at once,
+    SPLITS splits a round of loads, merged with an online softmax across rounds."""
+    d = tl.arange(0, D)  # [D]
+    hr = tl.arange(0, HEADS)  # [HEADS]
+    m = tl.full([HEADS], float("-inf"), tl.float32)
+    l = tl.zeros([HEADS], dtype=tl.float32)
+    acc = tl.zeros([HEADS, D], dtype=tl.float32)
+    for s0 in range(0, live, SPLITS):
+        ss = s0 + tl.arange(0, SPLITS)  # [SPLITS]
+        hs = (first + hr)[:, None] * n_splits + ss[None, :]  # [HEADS, SPLITS] partial slots
+        ok = (hr < group)[:, None] & (ss < live)[None, :]
+        # .cg: read at L2, where the other SMs' partials are, never a stale L1 line.
+        ms = tl.load(stats_ptr + hs * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(stats_ptr + hs * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+        accs = tl.load(partial_ptr + hs[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0,
+                       cache_modifier=".cg")  # [HEADS, SPLITS, D]
+        # Finite for real heads (every live split attends, and a round holds one at least);
+        # padding heads' NaN is never stored.
+        m_new = tl.maximum(m, tl.max(ms, axis=1))  # [HEADS]
+        alpha = tl.exp2(m - m_new)  # [HEADS]
+        w = tl.exp2(ms - m_new[:, None])  # [HEADS, SPLITS]: 0 past live
+        l = l * alpha + tl.sum(ls * w, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(accs * w[:, :, None], axis=1)
+        m = m_new
+    y = acc / l[:, None]  # [HEADS, D]
+    tl.store(y_ptr + (first + hr)[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty), mask=(hr < group)[:, None])
+
+
+@triton.jit
 def _decode_attention_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, y_ptr, partial_ptr, count_ptr,
-    S, chunk, n_head, n_kv_head, qk_scale,
-    D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_BLOCK: tl.constexpr, HEADS: tl.constexpr, SPLITS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    S, n_head, n_kv_head, qk_scale,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_BLOCK: tl.constexpr,
+    HEADS: tl.constexpr, COMBINE_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Program (bg, s): the q heads of kv head g = bg % n_kv_head of sequence bg // n_kv_head, a
-    row each, against split s of g's cache; scores are in log2 units (qk_scale folds log2(e) /
-    sqrt(D)) so exp2 serves. DOT_FP32: both dots in fp32, for fp32 caches and the interpreter."""
+    row each, against split s of g's positions 0..pos; scores are in log2 units (qk_scale folds
+    log2(e) / sqrt(D)) so exp2 serves. DOT_FP32: both dots in fp32, for fp32 caches and the
+    interpreter. COMBINE_SPLITS: the splits a round of the combine's loads takes (all q heads)."""
     bg = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
+    pos = tl.load(pos_ptr).to(tl.int32)
+    # split_chunk on the device: the pos + 1 positions in live splits of chunk slots each.
+    chunk = tl.cdiv(tl.cdiv(pos + 1, n_splits), BLOCK_T) * BLOCK_T
+    live = tl.cdiv(pos + 1, chunk)
+    if split >= live:
+        return
     b = bg // n_kv_head
     g = bg % n_kv_head
     group = n_head // n_kv_head
-    pos = tl.load(pos_ptr).to(tl.int32)
     d = tl.arange(0, D)  # [D]
     ts = tl.arange(0, BLOCK_T)  # [BLOCK_T]
     rows = tl.arange(0, GROUP_BLOCK)  # [GROUP_BLOCK]
     real = rows < group  # padding rows (up to GROUP_BLOCK) are computed but never stored
     heads = b * n_head + g * group + rows  # [GROUP_BLOCK]: the rows' q heads in y
-    cos = tl.load(cos_ptr + d).to(tl.float32)
-    sin = tl.load(sin_ptr + d).to(tl.float32)
+    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
 
     row = qkv_ptr + b * ((n_head + 2 * n_kv_head) * D)  # [(n_head + 2 n_kv_head) * D]: q | k | v
     # Padding rows repeat the group's last q head: in bounds and finite.
@@ -122,9 +167,9 @@ def _decode_attention_kernel(
         else:
             acc = tl.dot(pv, v, acc * alpha[:, None])  # [GROUP_BLOCK, D], fp32
         m = m_new
-    if (start <= pos) & (pos < start + chunk):
-        # The one program of this kv head whose split holds pos: it writes the new row and is the
-        # only one to attend to it, from registers.
+    if split == live - 1:
+        # The last live split holds pos: it writes the new row and is the only one to attend to
+        # it, from registers.
         k_new = _rope(row + (n_head + g) * D, cos, sin, D)  # [D]
         v_new = tl.load(row + (n_head + n_kv_head + g) * D + d)  # [D]
         tl.store(k_ptr + pos * D + d, k_new.to(v_new.dtype))
@@ -137,7 +182,7 @@ def _decode_attention_kernel(
         acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
         m = m_new
 
-    if n_splits == 1:
+    if live == 1:
         y = (acc / l[:, None]).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + heads[:, None] * D + d[None, :], y, mask=real[:, None])
     else:
@@ -148,58 +193,34 @@ def _decode_attention_kernel(
         tl.store(stats_ptr + slots * 2, m, mask=real)
         tl.store(stats_ptr + slots * 2 + 1, l, mask=real)
         # All threads' partial stores happen before the counter moves (barrier, then release);
-        # the program that sees n_splits - 1 acquires every other program's partials.
+        # the program that sees live - 1 acquires every other live program's partials.
         tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + bg, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_splits - 1:
-            ss = tl.arange(0, SPLITS)  # [SPLITS]
-            live = ss < n_splits
-            if HEADS * SPLITS * D <= COMBINE_AT_ONCE:
-                # The whole group in one round of loads (a short cache: few splits).
-                hr = tl.arange(0, HEADS)  # [HEADS]
-                hs = (b * n_head + g * group + hr)[:, None] * n_splits + ss[None, :]  # [HEADS, SPLITS]
-                ok = (hr < group)[:, None] & live[None, :]
-                # .cg: read at L2, where the other SMs' partials are, never a stale L1 line.
-                ms = tl.load(stats_ptr + hs * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                ls = tl.load(stats_ptr + hs * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
-                accs = tl.load(partial_ptr + hs[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0,
-                               cache_modifier=".cg")  # [HEADS, SPLITS, D]
-                m_all = tl.max(ms, axis=1)  # [HEADS]: finite for real heads (a split held pos)
-                w = tl.exp2(ms - m_all[:, None])  # [HEADS, SPLITS]: 0 for empty splits; padding heads never stored
-                y = tl.sum(accs * w[:, :, None], axis=1) / tl.sum(ls * w, axis=1)[:, None]  # [HEADS, D]
-                tl.store(y_ptr + (b * n_head + g * group + hr)[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty),
-                         mask=(hr < group)[:, None])
-            else:
-                # One q head at a time: [SPLITS, D] partials in registers, not [HEADS, SPLITS, D].
-                for r in range(group):
-                    h = b * n_head + g * group + r
-                    hs = h * n_splits + ss  # [SPLITS]
-                    ms = tl.load(stats_ptr + hs * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
-                    ls = tl.load(stats_ptr + hs * 2 + 1, mask=live, other=0.0, cache_modifier=".cg")
-                    accs = tl.load(partial_ptr + hs[:, None] * D + d[None, :], mask=live[:, None], other=0.0,
-                                   cache_modifier=".cg")  # [SPLITS, D]
-                    m_all = tl.max(ms, axis=0)  # finite: the split holding pos attended to it
-                    w = tl.exp2(ms - m_all)  # [SPLITS]: 0 for empty splits (m = -inf, l = 0, acc = 0)
-                    y = tl.sum(accs * w[:, None], axis=0) / tl.sum(ls * w, axis=0)  # [D]
-                    tl.store(y_ptr + h * D + d, y.to(y_ptr.dtype.element_ty))
+        if arrived == live - 1:
+            _combine(partial_ptr, stats_ptr, y_ptr, b * n_head + g * group, group, n_splits, live, D, HEADS, COMBINE_SPLITS)
             tl.store(count_ptr + bg, 0)  # reset for the next call and for CUDA-graph replays
 
 
 def split_plan(kv_heads, S, device):
-    """-> (n_splits, chunk): about PROGRAMS_PER_SM programs an SM over all (sequence, kv head) pairs
-    (kv_heads = B * n_kv_head), each split a whole number of tiles. Depends on no position, so one
-    graph serves them all; the fewer kv heads, the more splits."""
+    """-> n_splits, the grid's splits: about PROGRAMS_PER_SM programs an SM over all (sequence, kv
+    head) pairs (kv_heads = B * n_kv_head), at most one a tile of the cache. Depends on no
+    position, so one graph serves them all; the fewer kv heads, the more splits."""
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), kv_heads)
-    n_splits = max(1, min(want, triton.cdiv(S, BLOCK_T), MAX_SPLITS))
-    chunk = triton.cdiv(triton.cdiv(S, n_splits), BLOCK_T) * BLOCK_T
-    return triton.cdiv(S, chunk), chunk
+    return max(1, min(want, triton.cdiv(S, BLOCK_T), MAX_SPLITS))
+
+
+def split_chunk(n_splits, pos):
+    """-> (chunk, live): how the kernel splits positions 0..pos on the device, live splits of chunk
+    slots (whole tiles); splits from live on exit at once."""
+    chunk = triton.cdiv(triton.cdiv(pos + 1, n_splits), BLOCK_T) * BLOCK_T
+    return chunk, triton.cdiv(pos + 1, chunk)
 
 
 def attention_workspace_sizes(B, n_head, S, D, device, n_kv_head=None):
     """Elements of workspace.get's kinds that decode_attention needs at these shapes. Without
     n_kv_head (the model warms up knowing n_head only): enough for every n_kv_head dividing n_head,
     since one kv head takes the most splits and n_head kv heads the most counters."""
-    n_splits, _ = split_plan(B * (n_kv_head or 1), S, device)
+    n_splits = split_plan(B * (n_kv_head or 1), S, device)
     return {"partials": B * n_head * n_splits * (D + 2), "counters": B * (n_kv_head or n_head)}
 
 
@@ -211,30 +232,34 @@ def warm_up_attention(B, n_head, S, D, device, n_kv_head=None):
 
 def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head, out=None):
     """One decode step of attention. qkv: [B, (n_head + 2 n_kv_head) * D] (q | k | v heads);
-    k_cache, v_cache: [B, n_kv_head, S, D]; cos, sin: [D], the rotary row of position pos; pos: a
-    1-element integer tensor, 0 <= pos < S. Writes rope(k) and v into the caches' slot pos and
-    returns y: [B, n_head * D] in qkv's dtype (into out if given), softmax in fp32."""
+    k_cache, v_cache: [B, n_kv_head, S, D]; cos, sin: [R, D] rotary tables (R > pos), of which row
+    pos is used; pos: a 1-element integer tensor, 0 <= pos < S, read on the device. Writes rope(k)
+    and v into the caches' slot pos and returns y: [B, n_head * D] in qkv's dtype (into out if
+    given), softmax in fp32."""
     B, kv_heads, S, D = k_cache.shape
     if D < 16 or D & (D - 1) or kv_heads != n_kv_head or n_head % n_kv_head:  # tl.dot's inner size is >= 16
         raise ValueError(f"head_dim {D} must be a power of two >= 16, n_head {n_head} a multiple of n_kv_head "
                          f"{n_kv_head}, the caches [B, {n_kv_head}, S, D]; got {tuple(k_cache.shape)}")
-    if qkv.shape != (B, (n_head + 2 * n_kv_head) * D) or v_cache.shape != k_cache.shape or cos.numel() != D \
-            or sin.numel() != D or pos.numel() != 1:
-        raise ValueError(f"qkv {tuple(qkv.shape)}, v_cache {tuple(v_cache.shape)}, cos/sin {cos.numel()}/"
-                         f"{sin.numel()} elements, pos {pos.numel()} do not fit caches {tuple(k_cache.shape)}")
+    if qkv.shape != (B, (n_head + 2 * n_kv_head) * D) or v_cache.shape != k_cache.shape or cos.dim() != 2 \
+            or cos.shape[1] != D or sin.shape != cos.shape or pos.numel() != 1:
+        raise ValueError(f"qkv {tuple(qkv.shape)}, v_cache {tuple(v_cache.shape)}, cos/sin {tuple(cos.shape)}/"
+                         f"{tuple(sin.shape)} (tables [R, {D}]), pos {pos.numel()} elements do not fit caches {tuple(k_cache.shape)}")
     tensors = (qkv, k_cache, v_cache, cos, sin)
     if any(t.dtype != qkv.dtype or not t.is_contiguous() for t in tensors) or pos.is_floating_point():
         raise ValueError("qkv, caches, cos and sin must be contiguous and of one dtype; pos an integer tensor")
     if out is not None and (out.shape != (B, n_head * D) or out.dtype != qkv.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {qkv.dtype} [{B}, {n_head * D}], got {out.dtype} {tuple(out.shape)}")
-    n_splits, chunk = split_plan(B * n_kv_head, S, qkv.device)
+    n_splits = split_plan(B * n_kv_head, S, qkv.device)
     partials, counters = workspace.get(qkv.device, **attention_workspace_sizes(B, n_head, S, D, qkv.device, n_kv_head))
     y = torch.empty(B, n_head * D, dtype=qkv.dtype, device=qkv.device) if out is None else out
+    heads = triton.next_power_of_2(n_head // n_kv_head)
     _decode_attention_kernel[(B * n_kv_head, n_splits)](
         qkv, k_cache, v_cache, cos, sin, pos, y, partials, counters,
-        S, chunk, n_head, n_kv_head, math.log2(math.e) / math.sqrt(D),
-        D=D, BLOCK_T=BLOCK_T, GROUP_BLOCK=max(16, triton.next_power_of_2(n_head // n_kv_head)),
-        HEADS=triton.next_power_of_2(n_head // n_kv_head), SPLITS=triton.next_power_of_2(n_splits),
+        S, n_head, n_kv_head, math.log2(math.e) / math.sqrt(D),
+        D=D, BLOCK_T=BLOCK_T, GROUP_BLOCK=max(16, heads), HEADS=heads,
+        # A power of two: the largest that keeps a round within COMBINE_AT_ONCE values, and no
+        # more than the grid's splits.
+        COMBINE_SPLITS=min(triton.next_power_of_2(n_splits), max(1, triton.next_power_of_2(COMBINE_AT_ONCE // (heads * D) + 1) // 2)),
         # fp32 caches need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
         DOT_FP32=qkv.dtype == torch.float32 or qkv.device.type == "cpu",
         # No fused multiply-adds: rope rounds x * cos to the dtype before adding, as eager torch

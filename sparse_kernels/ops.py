@@ -121,9 +121,10 @@ def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     """One decode step's attention in one Triton launch (sparse_kernels/attention.py): rope the new
     token's q and k, write its k and v into the caches' slot pos, attend over slots 0..pos.
 
-    qkv: [B, (n_head + 2 n_kv_head) * D]; caches [B, n_kv_head, S, D]; cos, sin: [D] for position
-    pos (a 1-element integer tensor, read on the device). -> [B, n_head * D]. Triton devices only
-    (runs_triton): elsewhere the model's torch code is the definition this computes."""
+    qkv: [B, (n_head + 2 n_kv_head) * D]; caches [B, n_kv_head, S, D]; cos, sin: the rotary tables
+    [R, D], R > pos; pos: a 1-element integer tensor, read on the device. -> [B, n_head * D].
+    Triton devices only (runs_triton): elsewhere the model's torch code is the definition this
+    computes."""
     from sparse_kernels.attention import decode_attention as launch
 
     return launch(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head)

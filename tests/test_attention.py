@@ -57,8 +57,9 @@ def rope(x, cos, sin):
 
 
 def reference(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head):
-    """-> (y float64 [B, n_head * D], k_cache and v_cache as the call must leave them)."""
+    """-> (y float64 [B, n_head * D], k_cache and v_cache as the call must leave them); cos, sin: tables."""
     B, _, S, D = k_cache.shape
+    cos, sin = cos[pos], sin[pos]
     q, k, v = qkv.view(B, n_head + 2 * n_kv_head, D).split([n_head, n_kv_head, n_kv_head], dim=1)
     k_after, v_after = k_cache.clone(), v_cache.clone()
     k_after[:, :, pos], v_after[:, :, pos] = rope(k, cos, sin), v
@@ -71,13 +72,13 @@ def reference(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head):
 
 
 def inputs(B, n_head, n_kv_head, S, D, pos, dtype):
-    """Random q|k|v, caches, a rotary row; every cache slot from pos on is NaN (slot pos included:
-    the new token must come from qkv, not the cache)."""
+    """Random q|k|v, caches, rotary tables [S + 1, D]; every cache slot from pos on is NaN (slot pos
+    included: the new token must come from qkv, not the cache)."""
     qkv = torch.randn(B, (n_head + 2 * n_kv_head) * D).to(dtype)
     k_cache, v_cache = (torch.randn(B, n_kv_head, S, D).to(dtype) for _ in range(2))
     k_cache[:, :, pos:], v_cache[:, :, pos:] = math.nan, math.nan
-    angle = pos * 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
-    angle = torch.cat([angle, angle])
+    angle = torch.outer(torch.arange(S + 1, dtype=torch.float64), 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D))
+    angle = torch.cat([angle, angle], dim=1)
     return qkv, k_cache, v_cache, angle.cos().to(dtype), angle.sin().to(dtype)
 
 
@@ -137,37 +138,52 @@ def test_groups_match_float64(small_tiles, B, heads, D, S):
 
 @pytest.mark.parametrize("at_once", [0, 1 << 20])
 def test_both_combines_match_float64(small_tiles, monkeypatch, at_once):
-    """The combine of a kv head's q heads one after another (long caches) and all at once (short)."""
+    """The combine in rounds of one split each (online softmax across rounds) and in one round."""
     monkeypatch.setattr(small_tiles, "COMBINE_AT_ONCE", at_once)
     for pos in [0, 36]:
         run_and_check(small_tiles, 2, (6, 2), 37, 16, pos, "bf16")
 
 
 def test_split_plan(small_tiles):
-    """The shapes above (B * n_kv_head programs a split) cover several splits of one or more tiles,
-    the last one short, and (for pos < S - chunk) empty ones; the plan never depends on pos."""
+    """The grid's splits depend on kv heads and S, never on pos; the device splits 0..pos into live
+    splits of whole tiles. The shapes above cover several live splits of one or more tiles, the last
+    one short, one live split of several (no combine), and splits past live that exit."""
     cpu = torch.device("cpu")
-    assert small_tiles.split_plan(2, 37, cpu) == (5, 8)  # the last [32, 37)
-    assert small_tiles.split_plan(4, 100, cpu) == (7, 16)  # 2 tiles a split, the last [96, 100)
-    assert small_tiles.split_plan(4, 50, cpu) == (7, 8)  # the last [48, 50)
-    assert small_tiles.split_plan(1, 100, cpu) == (13, 8)
-    assert small_tiles.split_plan(12, 37, cpu) == (3, 16)  # the last [32, 37)
+    assert small_tiles.split_plan(2, 37, cpu) == 5
+    assert small_tiles.split_chunk(5, 36) == (8, 5)  # the last [32, 37)
+    assert small_tiles.split_chunk(5, 0) == (8, 1)
+    assert small_tiles.split_plan(4, 100, cpu) == 8
+    assert small_tiles.split_chunk(8, 99) == (16, 7)  # 2 tiles a split, the last [96, 100)
+    assert small_tiles.split_chunk(8, 50) == (8, 7)  # the last [48, 51)
+    assert small_tiles.split_plan(1, 100, cpu) == 13
+    assert small_tiles.split_plan(12, 37, cpu) == 3
+    assert small_tiles.split_chunk(3, 36) == (16, 3)  # the last [32, 37)
 
 
-@pytest.mark.parametrize("B,heads,S,D,n_splits", [(3, (4, 2), 37, 16, 1), (1, (3, 1), 100, 16, 2), (1, (4, 4), 100, 64, 2),
+def test_short_context_in_a_long_cache(small_tiles):
+    """A chat's start: the grid has many splits, the first few live; one tile runs alone, with no
+    combine, while the grid's other programs exit."""
+    assert small_tiles.split_plan(1, 100, torch.device("cpu")) == 13
+    assert small_tiles.split_chunk(13, 7) == (8, 1)
+    assert small_tiles.split_chunk(13, 20) == (8, 3)  # the last [16, 21)
+    for pos in [0, 7, 8, 20, 99]:
+        run_and_check(small_tiles, 1, (4, 1), 100, 16, pos, "bf16")
+
+
+@pytest.mark.parametrize("B,heads,S,D,n_splits", [(3, (4, 2), 37, 16, 1), (1, (3, 1), 100, 16, 2), (1, (4, 4), 100, 64, 1),
                                                   (2, (6, 2), 37, 16, 1)])
 def test_default_plan(attention, B, heads, S, D, n_splits):
     """The plan as shipped (BLOCK_T positions a tile, 2 'SMs' on the CPU): one split, or two."""
-    assert attention.split_plan(B * heads[1], S, torch.device("cpu"))[0] == n_splits
+    assert attention.split_plan(B * heads[1], S, torch.device("cpu")) == n_splits
     for pos in [0, S - 1]:
         run_and_check(attention, B, heads, S, D, pos, "bf16")
 
 
 def test_workspace_sizes(small_tiles):
     cpu = torch.device("cpu")
-    # 36 q heads of 18 floats a split: 1 split over 36 kv heads, 3 over 9 (split_plan(9, 37) == (3, 16)).
+    # 36 q heads of 18 floats a split: 1 split over 36 kv heads, 4 over 9 (split_plan(9, 37) == 4).
     assert small_tiles.attention_workspace_sizes(3, 12, 37, 16, cpu, 12) == {"partials": 36 * 1 * 18, "counters": 36}
-    assert small_tiles.attention_workspace_sizes(3, 12, 37, 16, cpu, 3) == {"partials": 36 * 3 * 18, "counters": 9}
+    assert small_tiles.attention_workspace_sizes(3, 12, 37, 16, cpu, 3) == {"partials": 36 * 4 * 18, "counters": 9}
     # Without n_kv_head: the splits of one kv head a sequence (5) and a counter a q head.
     bound = small_tiles.attention_workspace_sizes(3, 12, 37, 16, cpu)
     assert bound == {"partials": 36 * 5 * 18, "counters": 36}
@@ -202,10 +218,12 @@ def test_rejects_bad_shapes(attention):
         attention.decode_attention(qkv, k_cache, v_cache, cos, sin, pos.float(), 4, 2)
     odd = torch.zeros(1, 2, 8, 12)
     with pytest.raises(ValueError):
-        attention.decode_attention(torch.zeros(1, 96), odd, odd, cos[:12], sin[:12], pos, 4, 2)
+        attention.decode_attention(torch.zeros(1, 96), odd, odd, cos[:, :12], sin[:, :12], pos, 4, 2)
     narrow = torch.zeros(1, 2, 8, 8)  # a power of two, but under tl.dot's 16
     with pytest.raises(ValueError):
-        attention.decode_attention(torch.zeros(1, 64), narrow, narrow, cos[:8], sin[:8], pos, 4, 2)
+        attention.decode_attention(torch.zeros(1, 64), narrow, narrow, cos[:, :8], sin[:, :8], pos, 4, 2)
+    with pytest.raises(ValueError):
+        attention.decode_attention(qkv, k_cache, v_cache, cos[0], sin[0], pos, 4, 2)  # a row, not the tables
 
 
 def decode_logits(model, steps, sparse):
@@ -258,7 +276,7 @@ def test_decode_attention_op_compiles_once(attention):
     caches[2].copy_(caches[0])
     caches[3].copy_(caches[1])
     for p in (3, 11, 19):
-        qkv, cos, sin = torch.randn(B, (n_head + 2 * n_kv) * D), torch.randn(D), torch.randn(D)
+        qkv, cos, sin = torch.randn(B, (n_head + 2 * n_kv) * D), torch.randn(S, D), torch.randn(S, D)
         pos = torch.tensor([p])
         got = step(qkv, caches[0], caches[1], cos, sin, pos)
         want = decode_attention(qkv, caches[2], caches[3], cos, sin, pos, n_head, n_kv) * 2
@@ -275,8 +293,8 @@ def test_benchmark_check_on_the_cpu(attention):
     from scripts.benchmark_attention import check, make_case
 
     torch.manual_seed(0)
-    for n_head, n_kv_head in [(4, 1), (4, 4), (6, 2)]:
-        got = check(make_case(n_head, n_kv_head, 16, 40, torch.float32, "cpu"), n_head, n_kv_head)
+    for n_head, n_kv_head, pos in [(4, 1, None), (4, 4, None), (6, 2, None), (4, 1, 10)]:
+        got = check(make_case(n_head, n_kv_head, 16, 40, torch.float32, "cpu", pos=pos), n_head, n_kv_head)
         assert got["cache_row_bitwise"] and got["max_abs_err"] < 1e-5 and got["sdpa_max_abs_err"] < 1e-5, got
 
 

@@ -58,13 +58,13 @@ def decode_tail_error(model, layer, x, thresholds_7, target):
     n, T, _ = x.shape
     pos = torch.arange(T)
     mask = pos[:, None] >= pos
-    rope = (model.rope_cos[:T], model.rope_sin[:T])
+    rope = (model.rope_cos, model.rope_sin)
     block.attention.kv_cache = KVCache(n, T, c.n_kv_head, c.head_dim, x.dtype, x.device)
     for proj, cols in block.projections():
         proj.thresholds.copy_(thresholds_7[cols])
     with torch.no_grad():
-        block(x[:, :T - TAIL], (rope[0][:T - TAIL], rope[1][:T - TAIL]), pos[:T - TAIL], mask[:T - TAIL], sparse=False)
-        out = torch.cat([block(x[:, p:p + 1], (rope[0][p:p + 1], rope[1][p:p + 1]), pos[p:p + 1], mask[p:p + 1], sparse=True)
+        block(x[:, :T - TAIL], rope, pos[:T - TAIL], mask[:T - TAIL], sparse=False)
+        out = torch.cat([block(x[:, p:p + 1], rope, pos[p:p + 1], mask[p:p + 1], sparse=True)
                          for p in range(T - TAIL, T)], dim=1)
     block.attention.kv_cache = None
     return float((out - target).norm() / target.norm())
@@ -74,8 +74,9 @@ def test_each_step_keeps_the_candidate_with_the_smallest_block_error(tiny):
     model, table, windows = tiny
     layer = 1
     with torch.no_grad():
-        x = model.layers[0](model.tok_embeddings(windows), (model.rope_cos[:64], model.rope_sin[:64]), None, None, sparse=False)
-        target = model.layers[layer](x, (model.rope_cos[:64], model.rope_sin[:64]), None, None, sparse=False)[:, -TAIL:]
+        rope = (model.rope_cos, model.rope_sin)
+        x = model.layers[0](model.tok_embeddings(windows), rope, None, None, sparse=False)
+        target = model.layers[layer](x, rope, None, None, sparse=False)[:, -TAIL:]
     rows, sizes = table.greedy[layer], model.projection_sizes()
     steps = greedy.step_sizes(sizes, 0.02)
     for k in (0, 5, 20):

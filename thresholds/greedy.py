@@ -76,9 +76,9 @@ def block_tail(model, layer, x, tail, table):
     P = T - tail
     positions = torch.arange(T, device=x.device)
     mask = positions[:, None] >= positions  # (T, T): position p sees cache slots 0..p
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+    rope = (model.rope_cos, model.rope_sin)
     block.attention.kv_cache = KVCache(n, T, c.n_kv_head, c.head_dim, x.dtype, x.device)
-    block(x[:, :P], (cos[:P], sin[:P]), positions[:P], mask[:P], sparse=False)
+    block(x[:, :P], rope, positions[:P], mask[:P], sparse=False)
 
     @torch.no_grad()  # run is called after block_tail returns, outside its no_grad
     def run(sparsities):
@@ -94,7 +94,7 @@ def block_tail(model, layer, x, tail, table):
             proj.thresholds.copy_(thresholds[cols])
         with observing({block.attention.o: from_input(3), block.feed_forward.down: from_input(6)}):
             # Writes only the tail's cache slots, which the next run overwrites.
-            y = block(x[:, P:], (cos[P:], sin[P:]), positions[P:], mask[P:], sparse=True)
+            y = block(x[:, P:], rope, positions[P:], mask[P:], sparse=True)
         return y, thresholds
     return run
 
@@ -171,7 +171,6 @@ def greedy_search(model, windows, table, tail, step=STEP, top=TOP, state_path=No
     sizes = model.projection_sizes()
     kept_thresholds = model.get_thresholds()
     kept_caches = [block.attention.kv_cache for block in model.layers]
-    cos, sin = model.rope_cos[:T], model.rope_sin[:T]
     x = model.tok_embeddings(windows.to(device))  # (n, T, dim): block 0's dense input
     try:
         for layer, block in enumerate(tqdm(model.layers, desc="greedy", unit="block")):
@@ -180,7 +179,7 @@ def greedy_search(model, windows, table, tail, step=STEP, top=TOP, state_path=No
                 block.attention.kv_cache = kept_caches[layer]
                 if state_path is not None:
                     write_state(state_path, settings, done)
-            x = block(x, (cos, sin), None, None, sparse=False)  # the next block's dense input
+            x = block(x, (model.rope_cos, model.rope_sin), None, None, sparse=False)  # the next block's dense input
     finally:
         model.set_thresholds(kept_thresholds)
         for block, cache in zip(model.layers, kept_caches):
