@@ -49,8 +49,8 @@ NUM_STAGES = 2
 PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64  # bounds the partials' workspace and the combine's rounds
 # Partial values (HEADS x splits x D) a round of the combine's loads takes, all q heads at once. One
-# q head after another cost ~2 us more a layer at a 205-token cache (H100), and on Llama-70B heads
-# (8 a group) at 1024 positions 14.8 us against 9.0 for the group at once (H200).
+# q head after another cost ~2 us more a layer at a 205-token cache, and 1.7x the time on Llama-70B
+# heads (8 a group) at 1024 positions (NOTES_decode.md, 2026-11-25).
 COMBINE_AT_ONCE = 8192
 
 
