@@ -100,8 +100,8 @@ def under(backend, fn):
 def run_case(name, S, last, dtype, device):
     """Check, then time ours and SDPA at pos = last of an S-slot cache on the heads of `name` -> the case's row."""
     n_head, n_kv_head, D = HEADS[name]
-    cache_bytes = 2 * n_kv_head * (last + 1) * D * dtype.itemsize  # K and V, the slots read
-    case = make_case(n_head, n_kv_head, D, S, dtype, device, copies=gemv.weight_copies(cache_bytes, device), pos=last)
+    needed = 2 * n_kv_head * (last + 1) * D * dtype.itemsize  # K and V of the slots read
+    case = make_case(n_head, n_kv_head, D, S, dtype, device, copies=gemv.weight_copies(needed, device), pos=last)
     qkv, cos, sin, pos, caches = case
     checked = check(case, n_head, n_kv_head)
     ours = gemv.time_in_graph([lambda kc=kc, vc=vc: decode_attention(qkv, kc, vc, cos, sin, pos, n_head, n_kv_head)
@@ -115,7 +115,6 @@ def run_case(name, S, last, dtype, device):
         except RuntimeError:  # this backend does not take the call (GQA, q length 1, the GPU)
             sdpa_us[label] = None
     best = min(t for t in sdpa_us.values() if t is not None)
-    needed = 2 * n_kv_head * (last + 1) * D * dtype.itemsize
     n_splits = attention.split_plan(n_kv_head, S, device)
     chunk, live = attention.split_chunk(n_splits, last)
     return dict(model=name, n_head=n_head, n_kv_head=n_kv_head, head_dim=D, S=S, pos=last, copies=len(caches),
