@@ -1,24 +1,22 @@
 """Generate text with TEAL activation sparsity: `python generate.py --sparsity 0.5 --prompt "..."`."""
 import argparse
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+import checkpoint
 import thresholds
+from checkpoint import CheckpointError
+from model import PROJECTIONS
 from thresholds import model_wide
-from model import PROJECTIONS, CheckpointError, load_checkpoint
 from tokenizer import TokenizerError, load_tokenizer
 
-REPO = Path(__file__).resolve().parent
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class UsageError(Exception):
-    pass
+    """Bad input on the command line: one `error:` line and exit code 1 (cli)."""
 
 
 def multinomial_sample_one_no_sync(probs):
@@ -87,36 +85,46 @@ def compile_decode():
     return torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
 
 
-def default_checkpoint():
-    """The bundled SmolLM2-135M-Instruct, converted from its GGUF once into a cache directory."""
-    cache = Path(os.environ.get("TEAL_CACHE", Path.home() / ".cache" / "teal")) / DEFAULT_MODEL
-    if not (cache / "model.safetensors").is_file():
-        print(f"Converting the bundled {DEFAULT_MODEL} into {cache} (once)", file=sys.stderr)
-        done = subprocess.run([sys.executable, str(REPO / "scripts" / "convert_gguf.py"), "--out", str(cache)])
-        if done.returncode != 0:
-            raise UsageError("could not convert the bundled model (see the line above)")
-    return cache
-
-
-def checkpoint_file(path):
-    path = Path(path)
-    return path / "model.safetensors" if path.is_dir() else path
-
-
 def resolve_device(name):
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    """--device: cpu or cuda[:N], and a GPU there when cuda is asked for."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: this code runs on cpu or cuda only")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name} asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return name
 
 
-def load_thresholds(model, meta, ckpt_dir, path, sparsity, method):
+def dtype_name(name, device):
+    """--dtype's name (a key of DTYPES), by default bf16 on CUDA and fp32 on the CPU."""
+    return name or ("bf16" if device.startswith("cuda") else "fp32")
+
+
+def load_model(path, device, dtype):
+    """-> (model, checkpoint metadata, tokenizer, model.safetensors path); path None: the bundled model."""
+    ckpt = checkpoint.resolve(path)
+    model, meta = checkpoint.load(ckpt, device=device, dtype=dtype)
+    return model, meta, load_tokenizer(ckpt.parent), ckpt
+
+
+def find_table(meta, ckpt, path=None, config=None):
+    """-> (Thresholds, its path): the file given, else the one that goes with the checkpoint."""
+    path = path or thresholds.find_thresholds(ckpt.parent, checkpoint.lineage(meta))
+    if path is None:
+        raise UsageError(f"no thresholds file for {meta.get('name', ckpt)} (make one with python -m scripts.calibrate, or pass --thresholds)")
+    return thresholds.load(path, fingerprint=checkpoint.lineage(meta), config=config), path
+
+
+def load_thresholds(model, meta, ckpt, path, sparsity, method):
     """Fill the model's threshold buffers for a model-wide sparsity; returns the file used."""
     if sparsity == 0:
         return None
-    path = path or thresholds.find_thresholds(ckpt_dir, meta["fingerprint"])
-    if path is None:
-        raise UsageError(f"no thresholds file for {meta.get('name', ckpt_dir)} (make one with scripts/calibrate.py, or pass --thresholds)")
-    table = thresholds.load(path, fingerprint=meta["fingerprint"])
+    table, path = find_table(meta, ckpt, path, model.config)
     model.set_thresholds(table.at(sparsity, method=method))
     return path
 
@@ -136,7 +144,7 @@ def bytes_per_token(model, sparsity):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--checkpoint", help=f"checkpoint dir or model.safetensors (default: the bundled {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", help=f"checkpoint dir or model.safetensors (default: the bundled {checkpoint.BUNDLED})")
     p.add_argument("--prompt", default="The three most useful things to know about the Python language are")
     p.add_argument("--chat", action="store_true", help="wrap --prompt in the checkpoint's chat template")
     p.add_argument("--interactive", action="store_true", help="chat from the terminal (uses the chat template)")
@@ -150,7 +158,7 @@ def parse_args(argv=None):
     p.add_argument("--dense", action="store_true", help="decode with plain matmuls (the baseline)")
     p.add_argument("--sparse-prefill", action="store_true", help="threshold the prompt's projections too (TEAL keeps prefill dense)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step into a CUDA graph")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
@@ -164,14 +172,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     torch.manual_seed(args.seed)
 
-    ckpt = checkpoint_file(args.checkpoint) if args.checkpoint else default_checkpoint() / "model.safetensors"
     t0 = time.perf_counter()
-    model, meta = load_checkpoint(ckpt, device=device, dtype=dtype)
-    tokenizer = load_tokenizer(ckpt.parent)
-    used = load_thresholds(model, meta, ckpt.parent, args.thresholds, args.sparsity, args.method)
+    model, meta, tokenizer, ckpt = load_model(args.checkpoint, device, DTYPES[dtype_name(args.dtype, device)])
+    used = load_thresholds(model, meta, ckpt, args.thresholds, args.sparsity, args.method)
     print(f"Loaded {meta.get('name', ckpt)} in {time.perf_counter() - t0:.1f} s"
           + (f"; thresholds for sparsity {args.sparsity} ({args.method}) from {used}" if used else "; dense"), file=sys.stderr)
 
@@ -260,16 +265,21 @@ class Streamer:
         return text
 
 
-def cli(argv=None):
+ERRORS = (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsError)
+
+
+def cli(main, argv=None, errors=()):
+    """Run main(argv) as a command: a known error (ERRORS, or errors) ends in one `error:` line and
+    exit code 1, Ctrl-C in one line and exit code 130; what main finished is its own to keep."""
     try:
         main(argv)
-    except (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsError) as e:
+    except ERRORS + tuple(errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, EOFError):
-        print(file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
 
 
 if __name__ == "__main__":
-    cli()
+    cli(main)

@@ -3,13 +3,12 @@
 Every projection (q, k, v, o, gate, up, down) reads a threshold buffer: at decode, input entries
 with |x| <= t (compared in fp32) are zeroed, so the sparse kernel never reads their weight rows.
 A threshold of 0 is dense. Prefill (more than one token per sequence) is dense unless asked.
+Block.forward holds a block's whole computation; Projection.forward is where sparsity enters.
+The model knows no files: checkpoint.py reads them and hands it canonical tensors (load_weights).
 """
-import hashlib
-import json
 import math
-import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -86,14 +85,12 @@ class Projection(nn.Module):
 
     q, k and v share one input but each has its own threshold, so they are one weight with three
     segments (gate and up likewise with two): one kernel launch reads the union of active rows.
-
-    forward(x, sparse, norm, swiglu, residual): x is what the block has at hand, the input proper
-    is norm(x) (an RMSNorm), silu(gate) * up of x = [gate | up] (swiglu), or x itself; with a
-    residual the result is residual + y. Sparse, the kernel does all of it in one launch.
+    `names` are the segments' names, as canonical checkpoint tensors name them.
     """
 
-    def __init__(self, in_features, splits, fmt="bf16", device=None):
+    def __init__(self, in_features, splits, names, fmt="bf16", device=None):
         super().__init__()
+        self.names = names
         self.weight = PackedWeight(sum(splits), in_features, fmt, splits, device=device)
         # Not in the state dict: thresholds come from a thresholds file, tied to the checkpoint.
         self.register_buffer("thresholds", torch.zeros(len(splits), device=device), persistent=False)
@@ -104,6 +101,10 @@ class Projection(nn.Module):
         self.observer = None
 
     def forward(self, x, sparse, norm=None, swiglu=False, residual=None):
+        """[residual +] W @ input, the input being norm(x) with a norm (an RMSNorm), silu(gate) * up
+        of x = [gate | up] with swiglu, else x itself. Sparse, each segment s zeroes the input's
+        entries with |input| <= t_s first: y_s = (input * (|input| > t_s)) @ W_s.T, and one kernel
+        launch makes the input, multiplies and adds (sparse_kernels.sparse_linear)."""
         norm_weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
         if self.observer is not None:
             self.observer(self, projection_input(x, norm_weight, eps, swiglu))
@@ -132,21 +133,21 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_out, kv_out = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         self.splits = (q_out, kv_out, kv_out)
-        self.qkv = Projection(config.dim, self.splits, fmt, device)
-        self.o = Projection(q_out, (config.dim,), fmt, device)
+        self.qkv = Projection(config.dim, self.splits, ("q", "k", "v"), fmt, device)
+        self.o = Projection(q_out, (config.dim,), ("o",), fmt, device)
         self.kv_cache = None
 
-    def forward(self, x, norm, rope, input_pos, mask, sparse):
-        """x + attention(norm(x)): the norm and the residual add run inside the projections.
-        rope: the model's (cos, sin) tables, (block_size, head_dim) each."""
-        B, T, _ = x.shape
-        qkv = self.qkv(x, sparse, norm=norm)
-        if input_pos is not None and T == 1 and runs_triton(x.device):
-            # Decode: the rope, cache write and attention below, as one kernel.
+    def forward(self, qkv, rope, input_pos, mask):
+        """softmax(rope(q) rope(k)^T / sqrt(head_dim)) v over the cache (or the sequence, causally,
+        with no input_pos). qkv: (B, T, [q | k | v]); rope: the (cos, sin) tables, (block_size,
+        head_dim) each. -> (B, T, n_head * head_dim)."""
+        B, T, _ = qkv.shape
+        if input_pos is not None and T == 1 and runs_triton(qkv.device):
+            # Decode: rope, the cache write and attention, as one kernel.
             y = decode_attention(qkv.view(B, -1), self.kv_cache.k, self.kv_cache.v, *rope, input_pos,
                                  self.n_head, self.n_kv_head)
-            return self.o(y.view(B, 1, -1), sparse, residual=x)
-        positions = torch.arange(T, device=x.device) if input_pos is None else input_pos
+            return y.view(B, 1, -1)
+        positions = torch.arange(T, device=qkv.device) if input_pos is None else input_pos
         rope = (rope[0][positions], rope[1][positions])  # (T, head_dim) each
         q, k, v = qkv.split(self.splits, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
@@ -158,20 +159,16 @@ class Attention(nn.Module):
         else:
             k, v = self.kv_cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.o(y, sparse, residual=x)
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
 
 class FeedForward(nn.Module):
+    """down(silu(gate(x)) * up(x)): gate and up are one projection of two segments."""
+
     def __init__(self, config, fmt, device=None):
         super().__init__()
-        self.hidden = config.intermediate_size
-        self.gate_up = Projection(config.dim, (self.hidden, self.hidden), fmt, device)
-        self.down = Projection(self.hidden, (config.dim,), fmt, device)
-
-    def forward(self, x, norm, sparse):
-        """x + down(silu(gate) * up) of norm(x): the norm, SwiGLU and the add run inside the projections."""
-        return self.down(self.gate_up(x, sparse, norm=norm), sparse, swiglu=True, residual=x)
+        self.gate_up = Projection(config.dim, (config.intermediate_size, config.intermediate_size), ("gate", "up"), fmt, device)
+        self.down = Projection(config.intermediate_size, (config.dim,), ("down",), fmt, device)
 
 
 class RMSNorm(nn.Module):
@@ -198,8 +195,15 @@ class Block(nn.Module):
                 (self.feed_forward.gate_up, slice(4, 6)), (self.feed_forward.down, slice(6, 7))]
 
     def forward(self, x, rope, input_pos, mask, sparse):
-        h = self.attention(x, self.attention_norm, rope, input_pos, mask, sparse)  # x + attention(norm(x))
-        return self.feed_forward(h, self.ffn_norm, sparse)  # h + feed_forward(norm(h))
+        """h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h)).
+
+        Each norm, SwiGLU and residual add is handed to the projection that consumes it, so that
+        in a sparse decode step it runs inside that projection's kernel launch."""
+        attn, ffn = self.attention, self.feed_forward
+        qkv = attn.qkv(x, sparse, norm=self.attention_norm)  # qkv(attention_norm(x))
+        h = attn.o(attn(qkv, rope, input_pos, mask), sparse, residual=x)  # x + o(attention)
+        gate_up = ffn.gate_up(h, sparse, norm=self.ffn_norm)  # [gate | up](ffn_norm(h))
+        return ffn.down(gate_up, sparse, swiglu=True, residual=h)  # h + down(silu(gate) * up)
 
 
 class Transformer(nn.Module):
@@ -256,6 +260,45 @@ class Transformer(nn.Module):
     def projections(self):
         return [p for layer in self.layers for p, _ in layer.projections()]
 
+    # Canonical tensors: what a checkpoint stores, independent of the kernels' layout. Every
+    # parameter under its own name (the tied output is the embedding), and each projection segment
+    # as <block path>.<segment name>.<part>, e.g. layers.0.attention.q.weight, [out, in].
+
+    def named_projections(self):
+        """(canonical prefix, Projection): a segment's tensors are named prefix.segment.part."""
+        return [(name.rpartition(".")[0], m) for name, m in self.named_modules() if isinstance(m, Projection)]
+
+    def canonical_shapes(self):
+        """{canonical name: shape} of every tensor load_weights takes."""
+        shapes = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        for prefix, proj in self.named_projections():
+            for part, shape in proj.weight.canonical_shapes().items():
+                for seg, width in zip(proj.names, proj.weight.splits):
+                    shapes[f"{prefix}.{seg}.{part}"] = (width, *shape[1:])
+        return shapes
+
+    @torch.no_grad()
+    def load_weights(self, tensors):
+        """Copy canonical tensors (any float dtype, any device) into the model, packing each
+        projection into its kernels' layout. Every tensor must be there with its shape, and no other."""
+        problem = mismatch(self.canonical_shapes(), tensors)
+        if problem:
+            raise ValueError(f"weights do not fit the config: {problem}")
+        for name, p in self.named_parameters():
+            p.copy_(tensors[name])
+        for prefix, proj in self.named_projections():
+            proj.weight.load({part: torch.cat([tensors[f"{prefix}.{seg}.{part}"] for seg in proj.names])
+                              for part in proj.weight.canonical_shapes()})
+        return self
+
+    def canonical_weights(self):
+        """{canonical name: tensor}: what load_weights takes, as this model holds it."""
+        out = {name: p.detach() for name, p in self.named_parameters()}
+        for prefix, proj in self.named_projections():
+            for part, t in proj.weight.canonical().items():
+                out.update((f"{prefix}.{seg}.{part}", s) for seg, s in zip(proj.names, t.split(list(proj.weight.splits))))
+        return out
+
     def set_thresholds(self, thresholds):
         """thresholds: [n_layer, 7] in PROJECTIONS order; 0 is dense."""
         thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
@@ -291,6 +334,15 @@ class Transformer(nn.Module):
         return torch.tensor([q * c.dim, kv * c.dim, kv * c.dim, c.dim * q, c.intermediate_size * c.dim, c.intermediate_size * c.dim, c.dim * c.intermediate_size], dtype=torch.float64)
 
 
+def mismatch(shapes, tensors):
+    """What keeps tensors from being exactly the named tensors of shapes ({name: shape}), or ""."""
+    missing, unexpected = sorted(set(shapes) - set(tensors)), sorted(set(tensors) - set(shapes))
+    wrong = [f"{k} {tuple(tensors[k].shape)} (expected {shapes[k]})" for k in sorted(set(shapes) & set(tensors))
+             if tuple(tensors[k].shape) != shapes[k]]
+    return "; ".join(f"{what} {names[:3]}" for what, names in [("missing", missing), ("unexpected", unexpected),
+                                                               ("wrong shape", wrong)] if names)
+
+
 def rope_frequencies(config):
     inv_freq = 1.0 / config.rope_base ** (torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim)
     s = config.rope_scaling
@@ -315,101 +367,3 @@ def apply_rope(x, rope):
     cos, sin = rope
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-# Checkpoints: one safetensors file holding the model's own state dict; its metadata carries the
-# config (so the file describes itself) and a fingerprint of the weights (so thresholds made for
-# another model are refused).
-CHECKPOINT_FORMAT = "teal-checkpoint"
-CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(Exception):
-    pass
-
-
-def fingerprint(state_dict):
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].contiguous().cpu()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def save_checkpoint(path, model, name, extra=None):
-    """Write the model's state dict and config to path, atomically (a partial file never lands)."""
-    from safetensors.torch import save_file
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("output.weight")
-    meta = {"format": CHECKPOINT_FORMAT, "version": str(CHECKPOINT_VERSION), "name": name,
-            "config": json.dumps(asdict(model.config)), "fingerprint": fingerprint(state), **(extra or {})}
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        save_file(state, tmp, metadata=meta)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; a checkpoint is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return meta
-
-
-def read_checkpoint_metadata(path):
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:
-        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({e})") from None
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} file (convert it with scripts/convert_hf_checkpoint.py or scripts/convert_gguf.py)")
-    if int(meta.get("version", 0)) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {meta['version']}; this code reads up to {CHECKPOINT_VERSION}")
-    return meta
-
-
-def load_weights(model, state, assign=False):
-    """load_state_dict with a checkpoint's checks: every weight there, nothing extra, the tie kept.
-
-    assign=True takes state's tensors as they are (no copy: converters build on the meta device)."""
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=assign)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights do not fit the config: {str(e).splitlines()[-1].strip()}") from None
-    if model.config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-        missing = [k for k in missing if k != "output.weight"]
-    if missing or unexpected:
-        raise CheckpointError(f"weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return model
-
-
-def load_checkpoint(path, device="cpu", dtype=torch.float32):
-    """-> (Transformer on device in dtype, metadata dict)."""
-    from safetensors.torch import load_file
-
-    meta = read_checkpoint_metadata(path)
-    config = ModelArgs(**json.loads(meta["config"]))
-    try:
-        state = load_file(path, device="cpu")
-    except Exception as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({e})") from None
-    with torch.device("meta"):
-        model = Transformer(config, dtype=dtype)
-    model = model.to_empty(device=device)
-    cos, sin = rope_table(config)
-    model.rope_cos.copy_(cos)
-    model.rope_sin.copy_(sin)
-    load_weights(model, state)
-    for p in model.projections():
-        p.thresholds.zero_()
-    model.record_sparsity(False)
-    return model.eval(), meta

@@ -18,6 +18,8 @@ import math
 import os
 import re
 
+from checkpoint import atomic_write, atomic_write_text
+
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TIKTOKEN_FILE = "tokenizer.tiktoken"
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -186,23 +188,12 @@ def save_tokenizer(out_dir, kind, *, special_tokens, bos_id, eos_ids, add_bos, c
     """Write the model file (ranks: {bytes: id}, or sentencepiece_model: the .model bytes), then the config."""
     if kind == "tiktoken":
         lines = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in sorted(ranks.items(), key=lambda x: x[1]))
-        _write_atomic(os.path.join(out_dir, TIKTOKEN_FILE), lines.encode())
+        atomic_write_text(os.path.join(out_dir, TIKTOKEN_FILE), lines)
     else:
-        _write_atomic(os.path.join(out_dir, SENTENCEPIECE_FILE), sentencepiece_model)
+        atomic_write(os.path.join(out_dir, SENTENCEPIECE_FILE), lambda tmp: tmp.write_bytes(sentencepiece_model))
     config = dict(version=VERSION, kind=kind, pattern=pattern, special_tokens=special_tokens, bos_id=bos_id,
                   eos_ids=list(eos_ids), add_bos=add_bos, chat_template=chat_template)
-    _write_atomic(os.path.join(out_dir, TOKENIZER_CONFIG), json.dumps(config, indent=1, ensure_ascii=False).encode())
-
-
-def _write_atomic(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_text(os.path.join(out_dir, TOKENIZER_CONFIG), json.dumps(config, indent=1, ensure_ascii=False))
 
 
 def _byte_level_alphabet():

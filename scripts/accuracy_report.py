@@ -11,31 +11,23 @@ Writes accuracy_<name>.json, .md (the table) and .png (perplexity against sparsi
 """
 import argparse
 import hashlib
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import thresholds
-from model import PROJECTIONS, CheckpointError, load_checkpoint
-from tokenizer import TokenizerError, load_tokenizer
+from checkpoint import atomic_write_text
+from generate import DTYPES, UsageError, cli, dtype_name, find_table, load_model, resolve_device
+from model import PROJECTIONS
+from scripts.common import DATA, RESULTS, environment, save_figure, save_json, shown, text_files, text_windows
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = Path(os.environ.get("TEAL_CACHE", Path.home() / ".cache" / "teal")) / "smollm2-135m-instruct"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("uniform", "greedy")
-
-
-class UsageError(Exception):
-    pass
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint dir or model.safetensors (default: the bundled model)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint dir or model.safetensors (default: the bundled model)")
     p.add_argument("--thresholds", type=Path, help="thresholds file with greedy rows (default: the one that goes with the checkpoint)")
     p.add_argument("--text", type=Path, nargs="+", help="held-out text files, not used for calibration (default: data/heldout/*.txt)")
     p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7", help="comma-separated, each in (0, 0.9]; dense is always included")
@@ -44,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--scored", type=int, default=512, help="E: the thresholded, scored tokens at each window's end")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
-    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     try:
         args.sparsities = [float(s) for s in args.sparsities.split(",")]
@@ -54,14 +46,8 @@ def parse_args(argv=None):
         raise UsageError(f"--sparsities must each be in (0, 0.9], got {args.sparsities}")
     if args.windows < 1 or args.scored < 1:
         raise UsageError("--windows and --scored must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} asked for, but no CUDA GPU is available")
-    args.text = args.text or sorted((REPO / "data" / "heldout").glob("*.txt"))
-    if not args.text:
-        raise UsageError(f"no held-out text in {REPO / 'data' / 'heldout'} (run python scripts/fetch_text.py)")
-    for path in args.text:
-        if not path.is_file():
-            raise UsageError(f"text not found: {path}")
+    resolve_device(args.device)
+    args.text = text_files(args.text, DATA / "heldout")
     return args
 
 
@@ -103,48 +89,20 @@ def plot(doc, path):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f"tmp{os.getpid()}.{path.name}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def shown(path):
-    """A path as the JSON records it: relative to the repo when inside it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
-def write_atomic(path, text):
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    save_figure(path, fig)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ckpt = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
-    if not ckpt.is_file():
-        raise UsageError(f"checkpoint not found: {ckpt} (convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)")
-    dtype_name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    model, meta = load_checkpoint(ckpt, device=args.device, dtype=DTYPES[dtype_name])
-    path = args.thresholds or thresholds.find_thresholds(ckpt.parent, meta["fingerprint"])
-    if path is None:
-        raise UsageError(f"no thresholds file for {meta.get('name', ckpt)} (make one with python -m scripts.calibrate, or pass --thresholds)")
-    table = thresholds.load(path, fingerprint=meta["fingerprint"], config=model.config)
+    dtype = dtype_name(args.dtype, args.device)
+    model, meta, tokenizer, ckpt = load_model(args.checkpoint, args.device, DTYPES[dtype])
+    table, path = find_table(meta, ckpt, args.thresholds, model.config)
     if table.greedy is None:
         raise UsageError(f"{path} has no greedy rows (add them with python -m scripts.greedy_search)")
-    tokenizer = load_tokenizer(ckpt.parent)
-
-    # Each file is one document: a bos (if the model uses one) at its start, then its tokens.
-    ids = [i for p in args.text for i in tokenizer.encode(p.read_text(encoding="utf-8"), bos=tokenizer.add_bos)]
     C = min(args.window_length, model.config.block_size)
     if args.scored >= C:
         raise UsageError(f"--scored {args.scored} must be below the window length {C}")
-    try:
-        windows = thresholds.token_windows(ids, args.windows, C + 1)  # + 1: the last position's label
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    ids, windows = text_windows(tokenizer, args.text, args.windows, C + 1)  # + 1: the last position's label
 
     n_layer = model.config.n_layer
     runs = [("dense", 0.0)] + [(m, s) for m in METHODS for s in args.sparsities]
@@ -158,33 +116,20 @@ def main(argv=None):
                  measured_per_projection={p: round(v, 5) for p, v in zip(PROJECTIONS, r["measured"].mean(0).tolist())})
             for (m, s), r in zip(runs, results)]
     name = meta.get("name", ckpt.parent.name)
-    # The command and the thresholds file's hash: what reproduces these figures, and which file made them.
-    command = " ".join(["python -m scripts.accuracy_report", *(argv if argv is not None else sys.argv[1:])])
-    doc = dict(command=command, checkpoint=name, fingerprint=meta["fingerprint"], thresholds=shown(path),
+    # The command, the environment and the thresholds file's hash: what reproduces these figures
+    # (rounding decides the entries that sit near a threshold, so the kernels that ran matter).
+    doc = dict(**environment(args.device, "accuracy_report", argv), checkpoint=name, fingerprint=meta["fingerprint"], thresholds=shown(path),
                thresholds_sha256=hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16], calibration=table.calibration,
                greedy_search=table.greedy_search, text=[p.name for p in args.text], text_tokens=len(ids), windows=args.windows,
-               window_length=C, scored=args.scored, tokens_scored=results[0]["tokens"], device=args.device, dtype=dtype_name,
-               # Which kernels computed it: rounding decides the entries that sit near a threshold, and an
-               # earlier run of these settings (machine and torch not recorded) gave perplexities up to 1.7% apart.
-               device_name=torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.backends.cpu.get_cpu_capability()})",
-               torch=torch.__version__,
+               window_length=C, scored=args.scored, tokens_scored=results[0]["tokens"], dtype=dtype,
                seconds=round(seconds, 1), sparsities=args.sparsities, dense=rows[0], results=rows[1:])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"accuracy_{name}"
-    write_atomic(stem.with_suffix(".json"), json.dumps(doc, indent=1) + "\n")
-    write_atomic(stem.with_suffix(".md"), markdown(doc))
+    save_json(stem.with_suffix(".json"), doc)
+    atomic_write_text(stem.with_suffix(".md"), markdown(doc))
     plot(doc, stem.with_suffix(".png"))
     print(markdown(doc))
     print(f"{seconds:.0f} s; wrote {stem}.json, .md, .png")
 
 
-def cli(argv=None):
-    try:
-        main(argv)
-    except (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    cli()
+    cli(main)

@@ -8,10 +8,7 @@ thresholds file are used instead.
     python scripts/benchmark_decode.py --model llama-3-8b
 """
 import argparse
-import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -20,9 +17,10 @@ from tqdm import tqdm
 
 import generate
 import thresholds
-from model import PROJECTIONS, ModelArgs, Transformer, load_checkpoint
-
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+from checkpoint import atomic_write_text
+from generate import DTYPES, UsageError, cli
+from model import PROJECTIONS, ModelArgs, Transformer
+from scripts.common import RESULTS, environment, save_figure, save_json
 
 
 def random_model(name, dtype, device, seed=0):
@@ -129,12 +127,6 @@ def run_variant(model, decode, label, sparsity, table, prompt, args, bandwidth):
     return row
 
 
-def write_atomic(path, text):
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def markdown(result):
     lines = ["| variant | target | measured sparsity | tok/s | ms/token | vs dense | GB/s read | of ceiling |", "|---|---|---|---|---|---|---|---|"]
     dense = next((r["tok_s"] for r in result["rows"] if r["variant"] == "dense"), None)
@@ -161,7 +153,7 @@ def plot(result, path):
 
     rows = [r for r in result["rows"] if r["variant"] != "dense"]
     dense = next(r for r in result["rows"] if r["variant"] == "dense")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot([r["measured_sparsity"] for r in rows], [r["tok_s"] for r in rows], "o-", label="TEAL sparse decode")
     ax.axhline(dense["tok_s"], color="gray", ls="--", label=f"dense ({dense['tok_s']:.0f} tok/s)")
     if "ceiling_tok_s" in dense:
@@ -172,7 +164,7 @@ def plot(result, path):
     ax.set_title(f"{result['model']} {result['dtype']} on {result['device_name']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(path, fig)
 
 
 def parse_args(argv=None):
@@ -180,7 +172,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="llama-3-8b", help="config name for a random-weight model")
     p.add_argument("--checkpoint", help="benchmark a real checkpoint with its thresholds file instead")
     p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--method", choices=("greedy", "uniform"), default="greedy",
                    help="per-projection sparsities where the thresholds file has greedy rows (a random model's has none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -199,18 +191,14 @@ def main(argv=None):
     args = parse_args(argv)
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
     if any(not 0 < s < 1 for s in sparsities):
-        raise generate.UsageError(f"--sparsities must lie in (0, 1), got {args.sparsities}")
+        raise UsageError(f"--sparsities must lie in (0, 1), got {args.sparsities}")
     device = generate.resolve_device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
 
     if args.checkpoint:
-        ckpt = generate.checkpoint_file(args.checkpoint)
-        model, meta = load_checkpoint(ckpt, device=device, dtype=dtype)
+        model, meta, _, ckpt = generate.load_model(args.checkpoint, device, dtype)
         name = meta.get("name", ckpt.parent.name)
-        path = thresholds.find_thresholds(ckpt.parent, meta["fingerprint"])
-        if path is None:
-            raise generate.UsageError(f"no thresholds file for {name}; make one with scripts/calibrate.py")
-        table = thresholds.load(path, fingerprint=meta["fingerprint"])
+        table, _ = generate.find_table(meta, ckpt, config=model.config)
     else:
         name = args.model
         model = random_model(name, dtype, device)
@@ -220,36 +208,20 @@ def main(argv=None):
 
     decode = generate.decode_one_token if args.no_compile else generate.compile_decode()
     bandwidth = copy_bandwidth(device) if device.startswith("cuda") else None
-    result = dict(model=name, dtype=args.dtype, device=device,
-                  device_name=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                  torch=torch.__version__, triton=triton_version(), command=" ".join([sys.executable.split("/")[-1]] + sys.argv),
+    result = dict(model=name, dtype=args.dtype, **environment(device, "benchmark_decode", argv),
                   method=args.method if table.greedy is not None else "uniform",
                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                   copy_bandwidth_GBps=bandwidth / 1e9 if bandwidth else None, rows=[])
     stem = Path(args.out) if args.out else RESULTS / f"decode_{name}_{args.dtype}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
     variants = [("dense", 0.0)] + [(f"sparse {s:g}", s) for s in sparsities]
     for label, s in tqdm(variants, desc="variants", unit="variant"):
         result["rows"].append(run_variant(model, decode, label, s, table, prompt, args, bandwidth))
         # Written after every variant: an interrupted run keeps what it finished.
-        write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
-    write_atomic(stem.with_suffix(".md"), markdown(result))
+        save_json(stem.with_suffix(".json"), result)
+    atomic_write_text(stem.with_suffix(".md"), markdown(result))
     plot(result, stem.with_suffix(".png"))
     print(markdown(result))
 
 
-def triton_version():
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return None
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except (generate.UsageError, thresholds.ThresholdsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

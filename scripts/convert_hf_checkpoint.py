@@ -16,39 +16,38 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import tokenizer as tok
-from model import CheckpointError, ModelArgs, Transformer, load_weights, read_checkpoint_metadata, save_checkpoint
+from checkpoint import CheckpointError
+from generate import UsageError, cli
+from model import ModelArgs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LLAMA3_RANKS = 128000  # Llama-3's tiktoken file holds ids below this; its 256 specials follow
 
 
-class ConversionError(Exception):
-    pass
-
-
 def read_json(path, default=None):
     if not path.is_file():
         if default is None:
-            raise ConversionError(f"{path} not found")
+            raise UsageError(f"{path} not found")
         return default
     try:
         return json.loads(path.read_text())
     except ValueError as e:
-        raise ConversionError(f"{path} is not valid JSON ({e})") from None
+        raise UsageError(f"{path} is not valid JSON ({e})") from None
 
 
 def hf_config(hf_dir):
     cfg = read_json(hf_dir / "config.json")
     if cfg.get("model_type") not in ("llama", "mistral"):
-        raise ConversionError(f"{hf_dir}: unsupported architecture {cfg.get('model_type')!r} (llama or mistral)")
+        raise UsageError(f"{hf_dir}: unsupported architecture {cfg.get('model_type')!r} (llama or mistral)")
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ConversionError(f"{hf_dir}: biases or an activation other than SiLU are not supported")
+        raise UsageError(f"{hf_dir}: biases or an activation other than SiLU are not supported")
     # transformers 5 writes rope_parameters; earlier versions rope_theta and rope_scaling.
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise ConversionError(f"{hf_dir}: RoPE scaling {rope_type!r} is not supported (llama3 is)")
+        raise UsageError(f"{hf_dir}: RoPE scaling {rope_type!r} is not supported (llama3 is)")
     scaling_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     try:
         block_size = cfg["max_position_embeddings"]
@@ -72,7 +71,7 @@ def hf_config(hf_dir):
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
     except KeyError as e:
-        raise ConversionError(f"{hf_dir}/config.json lacks {e.args[0]}") from None
+        raise UsageError(f"{hf_dir}/config.json lacks {e.args[0]}") from None
 
 
 def open_shards(hf_dir):
@@ -85,40 +84,35 @@ def open_shards(hf_dir):
     elif (hf_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise ConversionError(f"no model.safetensors or model.safetensors.index.json in {hf_dir} (.bin weights are not supported)")
+        raise UsageError(f"no model.safetensors or model.safetensors.index.json in {hf_dir} (.bin weights are not supported)")
     where = {}
     for file in files:
         try:
             f = safe_open(hf_dir / file, framework="pt")
         except Exception as e:
-            raise ConversionError(f"{hf_dir / file} is not a readable safetensors file ({e})") from None
+            raise UsageError(f"{hf_dir / file} is not a readable safetensors file ({e})") from None
         where.update((name, f) for name in f.keys())
     return where
 
 
-def packed(w):
-    # [out, in] as nn.Linear holds it -> the float packed layout [in, out]
-    return w.t().contiguous()
-
-
 def hf_state_dict(hf_dir, config, dtype):
-    """Hugging Face tensors -> model.py's state dict in dtype (None: the embedding's dtype)."""
+    """Hugging Face tensors -> canonical tensors (checkpoint.py) in dtype (None: the embedding's dtype)."""
     where = open_shards(hf_dir)
     if "model.embed_tokens.weight" not in where:
-        raise ConversionError(f"{hf_dir}: no model.embed_tokens.weight among the weights")
+        raise UsageError(f"{hf_dir}: no model.embed_tokens.weight among the weights")
     dtype = dtype or where["model.embed_tokens.weight"].get_tensor("model.embed_tokens.weight").dtype
     if dtype not in DTYPES.values():
-        raise ConversionError(f"{hf_dir}: weights stored in {dtype}; pass --dtype")
+        raise UsageError(f"{hf_dir}: weights stored in {dtype}; pass --dtype")
     w = {}
     for name, f in tqdm(where.items(), desc="read", unit="tensor"):
         try:
             w[name] = f.get_tensor(name).to(dtype)
         except Exception as e:
-            raise ConversionError(f"cannot read {name} ({e})") from None
+            raise UsageError(f"cannot read {name} ({e})") from None
 
     def take(name):
         if name not in w:
-            raise ConversionError(f"{hf_dir}: the weights lack {name}")
+            raise UsageError(f"{hf_dir}: the weights lack {name}")
         return w.pop(name)
 
     state = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
@@ -129,14 +123,14 @@ def hf_state_dict(hf_dir, config, dtype):
     for i in range(config.n_layer):
         hf, layer = f"model.layers.{i}.", f"layers.{i}."
         state[layer + "attention_norm.weight"] = take(hf + "input_layernorm.weight")
-        state[layer + "attention.qkv.weight.data"] = packed(torch.cat([take(hf + f"self_attn.{x}_proj.weight") for x in "qkv"]))
-        state[layer + "attention.o.weight.data"] = packed(take(hf + "self_attn.o_proj.weight"))
         state[layer + "ffn_norm.weight"] = take(hf + "post_attention_layernorm.weight")
-        state[layer + "feed_forward.gate_up.weight.data"] = packed(torch.cat([take(hf + "mlp.gate_proj.weight"), take(hf + "mlp.up_proj.weight")]))
-        state[layer + "feed_forward.down.weight.data"] = packed(take(hf + "mlp.down_proj.weight"))
+        for x in "qkvo":
+            state[layer + f"attention.{x}.weight"] = take(hf + f"self_attn.{x}_proj.weight")
+        for x in ("gate", "up", "down"):
+            state[layer + f"feed_forward.{x}.weight"] = take(hf + f"mlp.{x}_proj.weight")
     left = [k for k in w if not k.endswith("rotary_emb.inv_freq")]  # older checkpoints saved the RoPE table
     if left:
-        raise ConversionError(f"{hf_dir}: weights this model does not use: {left[:3]}")
+        raise UsageError(f"{hf_dir}: weights this model does not use: {left[:3]}")
     return state, dtype
 
 
@@ -161,7 +155,7 @@ def hf_tokenizer(hf_dir):
     elif model.is_file() or (hf_dir / "original" / "tokenizer.model").is_file():
         args = llama3_tiktoken_args(model if model.is_file() else hf_dir / "original" / "tokenizer.model", tc)
     else:
-        raise ConversionError(f"no tokenizer in {hf_dir} (tokenizer.model or tokenizer.json)")
+        raise UsageError(f"no tokenizer in {hf_dir} (tokenizer.model or tokenizer.json)")
     # generation_config.json lists every id that ends a turn (Llama-3-Instruct: end_of_text, eom, eot).
     gen_eos = read_json(hf_dir / "generation_config.json", {}).get("eos_token_id")
     gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
@@ -205,13 +199,13 @@ def bpe_pattern(pre):
     if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("behavior") == "Isolated"
             and not steps[0].get("invert") and "Regex" in steps[0].get("pattern", {}) and byte_level(steps[1], False)):
         return steps[0]["pattern"]["Regex"]
-    raise ConversionError(f"unsupported pre-tokenizer in tokenizer.json: {json.dumps(pre)[:200]}")
+    raise UsageError(f"unsupported pre-tokenizer in tokenizer.json: {json.dumps(pre)[:200]}")
 
 
 def tokenizer_json_args(tj, tc):
     model = tj.get("model", {})
     if model.get("type") != "BPE" or tj.get("normalizer") or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
-        raise ConversionError("tokenizer.json is not a byte-level BPE tokenizer (convert one with tokenizer.model instead)")
+        raise UsageError("tokenizer.json is not a byte-level BPE tokenizer (convert one with tokenizer.model instead)")
     vocab = model["vocab"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     tok.check_merge_order(vocab, merges)
@@ -228,7 +222,7 @@ def llama3_tiktoken_args(path, tc):
     """Meta's Llama-3 tiktoken file: it holds no specials; these are Llama-3.1's 256, as its tokenizer.json names them."""
     ranks = tok.read_tiktoken_ranks(path)
     if len(ranks) != LLAMA3_RANKS:
-        raise ConversionError(f"{path} has {len(ranks)} tokens, not Llama-3's {LLAMA3_RANKS}")
+        raise UsageError(f"{path} has {len(ranks)} tokens, not Llama-3's {LLAMA3_RANKS}")
     names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
              "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
              "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", *(f"<|reserved_special_token_{i}|>" for i in range(3, 248))]
@@ -238,35 +232,28 @@ def llama3_tiktoken_args(path, tc):
                 eos_ids=[eos, special["<|eot_id|>"]], add_bos=True, ranks=ranks)
 
 
-def build_model(config, state, dtype):
-    """A Transformer holding state's tensors (no copy); names and shapes are checked."""
-    with torch.device("meta"):
-        model = Transformer(config, dtype=dtype)
-    return load_weights(model, state, assign=True)
-
-
 def convert(hf_dir, out_dir, name, dtype=None, force=False):
     ckpt = out_dir / "model.safetensors"
     if ckpt.is_file() and not force:
         try:
-            source = read_checkpoint_metadata(ckpt).get("source")
+            source = checkpoint.read_metadata(ckpt).get("source")
         except CheckpointError as e:
-            raise ConversionError(f"{e}; pass --force to replace it") from None
+            raise UsageError(f"{e}; pass --force to replace it") from None
         if source != hf_dir.name:
-            raise ConversionError(f"{out_dir} already holds a checkpoint converted from {source}; pass --force to replace it")
+            raise UsageError(f"{out_dir} already holds a checkpoint converted from {source}; pass --force to replace it")
         print(f"{out_dir} is already converted from {hf_dir.name} (--force converts again)")
         return
     if not hf_dir.is_dir():
-        raise ConversionError(f"Hugging Face directory not found: {hf_dir}")
+        raise UsageError(f"Hugging Face directory not found: {hf_dir}")
     config = hf_config(hf_dir)
     tokenizer = hf_tokenizer(hf_dir)
     state, dtype = hf_state_dict(hf_dir, config, dtype)
-    model = build_model(config, state, dtype)
+    checkpoint.check_tensors(state, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.unlink(missing_ok=True)  # with --force: the directory reads as incomplete until the new weights land
     tok.save_tokenizer(out_dir, **tokenizer)
     tok.load_tokenizer(out_dir)
-    meta = save_checkpoint(ckpt, model, name, extra={"source": hf_dir.name, "source_format": "huggingface"})
+    meta = checkpoint.save(ckpt, state, config, name, source=hf_dir.name, source_format="huggingface")
     print(f"wrote {out_dir} ({name}, {str(dtype).removeprefix('torch.')}, fingerprint {meta['fingerprint']})")
 
 
@@ -278,14 +265,9 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weight dtype (auto: as stored)")
     parser.add_argument("--force", action="store_true", help="convert again even if --out already holds the checkpoint")
     args = parser.parse_args(argv)
-    try:
-        hf_dir = args.hf.resolve()
-        convert(hf_dir, args.out, args.name or hf_dir.name.lower(), DTYPES.get(args.dtype), args.force)
-    except (ConversionError, CheckpointError, tok.TokenizerError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    hf_dir = args.hf.resolve()
+    convert(hf_dir, args.out, args.name or hf_dir.name.lower(), DTYPES.get(args.dtype), args.force)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(main, errors=(OSError,))

@@ -9,25 +9,15 @@ be. Every sparsity sees the same windows. Prints a table with the measured spars
 by weight count, and per projection) next to each perplexity; --out saves it all as JSON.
 """
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import thresholds
-from model import PROJECTIONS, CheckpointError, load_checkpoint
-from tokenizer import TokenizerError, load_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = Path(os.environ.get("TEAL_CACHE", Path.home() / ".cache" / "teal")) / "smollm2-135m-instruct"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class UsageError(Exception):
-    pass
+from generate import DTYPES, UsageError, cli, dtype_name, find_table, load_model, resolve_device
+from model import PROJECTIONS
+from scripts.common import DATA, save_json, shown, text_files, text_windows
 
 
 def sparsity_list(text):
@@ -42,7 +32,7 @@ def sparsity_list(text):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint dir or model.safetensors (default: the bundled model)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint dir or model.safetensors (default: the bundled model)")
     p.add_argument("--text", type=Path, nargs="+", help="text files (default: the held-out novels in data/heldout/)")
     p.add_argument("--sparsities", default="0,0.25,0.4,0.5,0.6,0.7", help="comma-separated, each in [0, 1)")
     p.add_argument("--windows", type=int, default=16, help="number of windows")
@@ -58,14 +48,8 @@ def parse_args(argv=None):
     args.sparsities = sparsity_list(args.sparsities)
     if args.windows < 1 or args.scored < 1:
         raise UsageError("--windows and --scored must be at least 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} asked for, but no CUDA GPU is available")
-    args.text = args.text or sorted((REPO / "data" / "heldout").glob("*.txt"))
-    if not args.text:
-        raise UsageError(f"no held-out text in {REPO / 'data' / 'heldout'} (run python scripts/fetch_text.py)")
-    for path in args.text:
-        if not path.is_file():
-            raise UsageError(f"text not found: {path}")
+    resolve_device(args.device)
+    args.text = text_files(args.text, DATA / "heldout")
     return args
 
 
@@ -73,10 +57,7 @@ def table_for(model, meta, ckpt, args):
     """-> (Thresholds or None, its path): None when every sparsity is 0 (dense needs no file)."""
     if not any(args.sparsities):
         return None, None
-    path = args.thresholds or thresholds.find_thresholds(ckpt.parent, meta["fingerprint"])
-    if path is None:
-        raise UsageError(f"no thresholds file for {meta.get('name', ckpt)} (make one with python -m scripts.calibrate, or pass --thresholds)")
-    table = thresholds.load(path, fingerprint=meta["fingerprint"], config=model.config)
+    table, path = find_table(meta, ckpt, args.thresholds, model.config)
     if max(args.sparsities) > table.grid[-1]:
         raise UsageError(f"sparsity {max(args.sparsities)} is beyond the calibrated grid (up to {table.grid[-1]})")
     return table, path
@@ -91,38 +72,15 @@ def print_table(rows):
         print(f"{r['sparsity']:8.2f} {r['ppl']:9.3f} {change} {r['measured']:8.3f}  {per_proj}")
 
 
-def shown(path):
-    """A path as the JSON records it: relative to the repo when inside it."""
-    path = Path(path).resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
-def write_json_atomic(path, doc):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    ckpt = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
-    if not ckpt.is_file():
-        raise UsageError(f"checkpoint not found: {ckpt} (convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)")
-    dtype_name = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    model, meta = load_checkpoint(ckpt, device=args.device, dtype=DTYPES[dtype_name])
+    dtype = dtype_name(args.dtype, args.device)
+    model, meta, tokenizer, ckpt = load_model(args.checkpoint, args.device, DTYPES[dtype])
     table, table_path = table_for(model, meta, ckpt, args)
-    tokenizer = load_tokenizer(ckpt.parent)
-
-    # Each file is one document: a bos (if the model uses one) at its start, then its tokens.
-    ids = [i for path in args.text for i in tokenizer.encode(path.read_text(encoding="utf-8"), bos=tokenizer.add_bos)]
     C = min(args.window_length, model.config.block_size)
     if args.scored >= C:
         raise UsageError(f"--scored {args.scored} must be below the window length {C}")
-    try:
-        windows = thresholds.token_windows(ids, args.windows, C + 1)  # + 1: the last position's label
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    ids, windows = text_windows(tokenizer, args.text, args.windows, C + 1)  # + 1: the last position's label
 
     # What actually ran: a file without greedy rows serves "greedy" with uniform thresholds.
     method = "greedy" if args.method == "greedy" and table is not None and table.greedy is not None else "uniform"
@@ -138,24 +96,16 @@ def main(argv=None):
                  measured_per_layer=[[round(v, 5) for v in row] for row in r["measured"].tolist()])
             for s, r in zip(args.sparsities, results)]
     print(f"{meta.get('name', ckpt)}: {args.windows} windows of {C} tokens, last {args.scored} scored "
-          f"({results[0]['tokens']} tokens), {method} thresholds, {dtype_name} on {args.device}, {seconds:.0f} s")
+          f"({results[0]['tokens']} tokens), {method} thresholds, {dtype} on {args.device}, {seconds:.0f} s")
     print_table(rows)
     if args.out:
-        write_json_atomic(args.out, dict(
+        save_json(args.out, dict(
             checkpoint=meta.get("name", str(ckpt)), fingerprint=meta["fingerprint"], method=method,
             thresholds=shown(table_path) if table_path else None, text=[p.name for p in args.text], text_tokens=len(ids),
             windows=args.windows, window_length=C, scored=args.scored, tokens_scored=results[0]["tokens"],
-            device=args.device, dtype=dtype_name, seconds=round(seconds, 1), results=rows))
+            device=args.device, dtype=dtype, seconds=round(seconds, 1), results=rows))
         print(f"saved {args.out}")
 
 
-def cli(argv=None):
-    try:
-        main(argv)
-    except (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    cli()
+    cli(main)

@@ -17,13 +17,15 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
 from tqdm import tqdm
 
-REPO = Path(__file__).resolve().parents[1]
+from checkpoint import atomic_write_text
+from generate import cli
+from scripts.common import DATA
+
 PYTHON_DOC = "python3.11-doc"
 AUSTEN = "r-cran-janeaustenr"
 TOKENIZERS = "r-cran-tokenizers"
@@ -35,13 +37,6 @@ NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejud
 
 class FetchError(Exception):
     pass
-
-
-def write_atomic(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def apt_download(package, cache):
@@ -168,11 +163,11 @@ def python_docs(root):
     return "\n\n".join(f.read_text(encoding="utf-8") for f in files)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO / "data", help="where the text goes")
+    parser.add_argument("--data", type=Path, default=DATA, help="where the text goes")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "teal" / "debs", help="where the .debs are unpacked")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     calibration = args.data / "calibration.txt"
     prose = args.data / "calibration_prose.txt"
@@ -184,12 +179,12 @@ def main():
             if not all(p.exists() for p in outputs):
                 root = unpacked(package, args.cache)
                 if package == PYTHON_DOC:
-                    write_atomic(calibration, python_docs(root))
+                    atomic_write_text(calibration, python_docs(root))
                 elif package == TOKENIZERS:
-                    write_atomic(prose, moby_dick(root))
+                    atomic_write_text(prose, moby_dick(root))
                 else:
                     for name, text in austen_novels(root).items():
-                        write_atomic(args.data / "heldout" / f"{name}.txt", text)
+                        atomic_write_text(args.data / "heldout" / f"{name}.txt", text)
             bar.update()
     print(f"text in {args.data}: {calibration.name} ({calibration.stat().st_size / 1e6:.1f} MB), "
           f"{prose.name} ({prose.stat().st_size / 1e6:.1f} MB), "
@@ -197,7 +192,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FetchError as e:
-        sys.exit(f"fetch_text: {e}")
+    cli(main, errors=(FetchError,))

@@ -11,33 +11,24 @@ removed when the output is written, atomically.
 """
 import argparse
 import hashlib
-import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 import thresholds
-from model import CheckpointError, load_checkpoint
+from generate import DTYPES, UsageError, cli, find_table, load_model, resolve_device
+from scripts.common import DATA, text_files, text_windows
 from thresholds.greedy import STEP, TOP, greedy_search
-from tokenizer import TokenizerError, load_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = Path(os.environ.get("TEAL_CACHE", Path.home() / ".cache" / "teal")) / "smollm2-135m-instruct"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class UsageError(Exception):
-    pass
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint dir or model.safetensors (default: the bundled model)")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint dir or model.safetensors (default: the bundled model)")
     p.add_argument("--thresholds", type=Path, help="the uniform thresholds file to start from (default: the one that goes with the checkpoint)")
-    p.add_argument("--out", type=Path, help="default: the --thresholds file, rewritten with greedy rows")
-    p.add_argument("--text", type=Path, default=REPO / "data" / "calibration.txt")
+    p.add_argument("--out", type=Path, help="default: the --thresholds file, rewritten with greedy rows "
+                   "(for a file shipped in thresholds/files/: <checkpoint dir>/thresholds.json)")
+    p.add_argument("--text", type=Path, default=DATA / "calibration.txt")
     p.add_argument("--windows", type=int, default=16, help="number of windows")
     p.add_argument("--window-length", type=int, default=512, help="tokens per window")
     p.add_argument("--tail", type=int, default=128, help="last positions of each window thresholded and scored, as decode")
@@ -52,33 +43,20 @@ def parse_args(argv=None):
         raise UsageError("--windows must be at least 1, and --tail between 1 and --window-length - 1")
     if not 0 < args.step <= 0.1:
         raise UsageError(f"--step must be in (0, 0.1], got {args.step}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} asked for, but no CUDA GPU is available")
-    if not args.text.is_file():
-        raise UsageError(f"text not found: {args.text} (run python scripts/fetch_text.py)")
+    resolve_device(args.device)
+    args.text = text_files([args.text], args.text)[0]
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ckpt = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
-    if not ckpt.is_file():
-        raise UsageError(f"checkpoint not found: {ckpt} (convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)")
-    model, meta = load_checkpoint(ckpt, device=args.device, dtype=DTYPES[args.dtype])
-    source = args.thresholds or thresholds.find_thresholds(ckpt.parent, meta["fingerprint"])
-    if source is None:
-        raise UsageError(f"no thresholds file for {meta.get('name', ckpt)} (make one with python -m scripts.calibrate, or pass --thresholds)")
-    table = thresholds.load(source, fingerprint=meta["fingerprint"], config=model.config)
-    out = args.out or source
-    tokenizer = load_tokenizer(ckpt.parent)
-
-    text = args.text.read_text(encoding="utf-8")
-    ids = tokenizer.encode(text, bos=tokenizer.add_bos)
+    model, meta, tokenizer, ckpt = load_model(args.checkpoint, args.device, DTYPES[args.dtype])
+    table, source = find_table(meta, ckpt, args.thresholds, model.config)
+    # A shipped file is the repository's: by default the rows go beside the checkpoint instead.
+    out = args.out or (ckpt.parent / "thresholds.json" if Path(source).resolve().parent == thresholds.SHIPPED else source)
     length = min(args.window_length, model.config.block_size)
-    try:
-        windows = thresholds.token_windows(ids, args.windows, length)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    _, windows = text_windows(tokenizer, [args.text], args.windows, length)
+    text = args.text.read_text(encoding="utf-8")
 
     # Everything the rows depend on: a state file made with other settings is refused.
     settings = dict(text=args.text.name, text_sha256=hashlib.sha256(text.encode()).hexdigest()[:16], fingerprint=meta["fingerprint"],
@@ -99,13 +77,5 @@ def main(argv=None):
           f"step {args.step}) in {seconds:.0f} s -> {out}")
 
 
-def cli(argv=None):
-    try:
-        main(argv)
-    except (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    cli()
+    cli(main)

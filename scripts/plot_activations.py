@@ -12,29 +12,22 @@ gives the mean log-likelihood per entry of each fit: the higher, the better the 
 """
 import argparse
 import math
-import os
-import sys
 from pathlib import Path
 
 import torch
 
 import thresholds
-from model import CheckpointError, load_checkpoint, observing
-from tokenizer import TokenizerError, load_tokenizer
+from generate import UsageError, cli, load_model
+from model import observing
+from scripts.common import DATA, RESULTS, save_figure, text_files, text_windows
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CHECKPOINT = Path(os.environ.get("TEAL_CACHE", Path.home() / ".cache" / "teal")) / "smollm2-135m-instruct"
 STATES = ("block input (q, k, v)", "attention output (o)", "MLP input (gate, up)", "MLP intermediate (down)")
-
-
-class UsageError(Exception):
-    pass
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint dir or model.safetensors (default: the bundled model)")
-    p.add_argument("--text", type=Path, default=REPO / "data" / "calibration.txt")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint dir or model.safetensors (default: the bundled model)")
+    p.add_argument("--text", type=Path, default=DATA / "calibration.txt")
     p.add_argument("--layers", help="three comma-separated block indices (default: at 1/4, 1/2 and 3/4 of the depth)")
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--window-length", type=int, default=512)
@@ -42,8 +35,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.windows < 1 or args.window_length <= thresholds.SKIP:
         raise UsageError(f"--windows must be at least 1 and --window-length above {thresholds.SKIP}")
-    if not args.text.is_file():
-        raise UsageError(f"text not found: {args.text} (run python scripts/fetch_text.py)")
+    args.text = text_files([args.text], args.text)[0]
     return args
 
 
@@ -103,18 +95,12 @@ def plot(values, layers, title, path):
             ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_name(f"tmp{os.getpid()}.{path.name}")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(path, fig)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ckpt = args.checkpoint / "model.safetensors" if args.checkpoint.is_dir() else args.checkpoint
-    if not ckpt.is_file():
-        raise UsageError(f"checkpoint not found: {ckpt} (convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)")
-    model, meta = load_checkpoint(ckpt)
+    model, meta, tokenizer, ckpt = load_model(args.checkpoint, "cpu", torch.float32)
     n_layer = model.config.n_layer
     try:
         layers = [int(v) for v in args.layers.split(",")] if args.layers else [n_layer // 4, n_layer // 2, 3 * n_layer // 4]
@@ -122,28 +108,14 @@ def main(argv=None):
         raise UsageError(f"--layers expects comma-separated block indices, got {args.layers!r}") from None
     if any(not 0 <= i < n_layer for i in layers):
         raise UsageError(f"--layers must be in 0..{n_layer - 1}, got {args.layers}")
-    tokenizer = load_tokenizer(ckpt.parent)
-    ids = tokenizer.encode(args.text.read_text(encoding="utf-8"), bos=tokenizer.add_bos)
     length = min(args.window_length, model.config.block_size)
-    try:
-        windows = thresholds.token_windows(ids, args.windows, length)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    _, windows = text_windows(tokenizer, [args.text], args.windows, length)
     name = meta.get("name", ckpt.parent.name)
-    out = args.out or REPO / "benchmarks" / "results" / f"activations_{name}.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / f"activations_{name}.png"
     values = collect(model, windows, layers)
     plot(values, layers, f"{name}: projection inputs on {args.text.name} ({args.windows} windows of {length}, dense)", out)
     print(f"wrote {out}")
 
 
-def cli(argv=None):
-    try:
-        main(argv)
-    except (UsageError, CheckpointError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    cli()
+    cli(main)

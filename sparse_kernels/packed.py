@@ -1,8 +1,10 @@
 """A linear layer's weight in the layout the sparse kernels read.
 
-The weight of nn.Linear is [out, in]. A thresholded input zeroes whole input channels, so the
-kernels want one input channel's weights contiguous: the float formats store W transposed,
-`data` is [in, out] row-major, and a skipped channel is one skipped contiguous row.
+The weight of nn.Linear is [out, in]: that canonical form is what checkpoints store, and packing
+into the kernels' layout happens at load (`load`), so a layout change never touches a file. A
+thresholded input zeroes whole input channels, so the kernels want one input channel's weights
+contiguous: the float formats store W transposed, `data` is [in, out] row-major, and a skipped
+channel is one skipped contiguous row.
 
 A PackedWeight may hold several output segments side by side (q, k and v of one block; gate and
 up), each with its own threshold: `splits` lists the segment widths, summing to out_features.
@@ -29,6 +31,24 @@ class PackedWeight(nn.Module):
         # Follows the storage, so model.to(dtype) keeps the format name honest.
         return {v: k for k, v in FLOAT_FORMATS.items()}[self.data.dtype]
 
+    def canonical_shapes(self):
+        """{part: shape} of the canonical tensors `load` takes, each with out_features rows."""
+        return {"weight": (self.out_features, self.in_features)}
+
+    @torch.no_grad()
+    def load(self, tensors):
+        """Pack canonical tensors ({"weight": [out, in]}, any float dtype and device) into this
+        weight's layout, in place."""
+        W = tensors["weight"]
+        if tuple(W.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(W.shape)}, expected {(self.out_features, self.in_features)}")
+        self.data.copy_(W.t())
+        return self
+
+    def canonical(self):
+        """The canonical tensors `load` takes: {"weight": [out, in]}."""
+        return {"weight": self.dequantize().contiguous()}
+
     def dequantize(self):
         """The [out, in] float weight the kernels multiply by."""
         return self.data.t()
@@ -45,6 +65,4 @@ def pack_weight(W, fmt="bf16", splits=None):
     """W: [out, in] as nn.Linear.weight -> PackedWeight on W's device."""
     if W.dim() != 2:
         raise ValueError(f"expected a 2-d weight [out, in], got shape {tuple(W.shape)}")
-    pw = PackedWeight(W.shape[0], W.shape[1], fmt, splits, device=W.device)
-    pw.data.copy_(W.t())
-    return pw
+    return PackedWeight(W.shape[0], W.shape[1], fmt, splits, device=W.device).load({"weight": W})

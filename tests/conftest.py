@@ -50,9 +50,9 @@ def smollm2_dir(tmp_path_factory, bundled_gguf):
 def smollm2(smollm2_dir):
     """-> (model, meta): the bundled model loaded once per session (fp32, CPU). Tests set the
     thresholds they need; thresholds.perplexity restores the model's own."""
-    from model import load_checkpoint  # imports triton: only after the set-up above
+    import checkpoint  # imports triton: only after the set-up above
 
-    return load_checkpoint(smollm2_dir / "model.safetensors")
+    return checkpoint.load(smollm2_dir)
 
 
 @pytest.fixture(scope="session")

@@ -10,13 +10,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from model import CheckpointError, ModelArgs, Transformer, load_checkpoint, read_checkpoint_metadata, save_checkpoint
+import checkpoint
+from checkpoint import CheckpointError
+from model import ModelArgs, Transformer
 from tokenizer import PATTERNS, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 # The thresholds shipped for the default model are tied to this: a converter change that moves it
 # needs new thresholds.
-DEFAULT_FINGERPRINT = "ac2c351f64cd27e4"
+DEFAULT_FINGERPRINT = "e8531d4ee9859a97"
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference model")
 
@@ -88,11 +90,11 @@ def test_hf_round_trip(tmp_path, name, dtype, kind):
 
     done = run("convert_hf_checkpoint.py", "--hf", hf_dir, "--out", out)
     assert done.returncode == 0, done.stderr
-    model, meta = load_checkpoint(out / "model.safetensors")
+    model, meta = checkpoint.load(out / "model.safetensors")
     assert ModelArgs(**json.loads(meta["config"])) == args
     assert (meta["name"], meta["source"]) == ("hf-model", "hf-model")
     with safe_open(out / "model.safetensors", framework="pt") as f:
-        assert f.get_tensor("layers.0.attention.qkv.weight.data").dtype == dtype  # bf16 stays bf16
+        assert f.get_tensor("layers.0.attention.q.weight").dtype == dtype  # bf16 stays bf16
     idx = torch.randint(0, args.vocab_size, (2, 50), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = float((model(idx) - hf.float()(idx).logits).abs().max())
@@ -110,20 +112,21 @@ def test_hf_force_converts_again(tmp_path):
     save_hf_model(hf_dir, "tiny", torch.bfloat16)
     save_bpe_tokenizer(hf_dir)
     assert run("convert_hf_checkpoint.py", "--hf", hf_dir, "--out", out).returncode == 0
-    before = read_checkpoint_metadata(out / "model.safetensors")["fingerprint"]
+    before = checkpoint.read_metadata(out / "model.safetensors")["fingerprint"]
     forced = run("convert_hf_checkpoint.py", "--hf", hf_dir, "--out", out, "--dtype", "fp32", "--force")
     assert forced.returncode == 0, forced.stderr
-    assert read_checkpoint_metadata(out / "model.safetensors")["fingerprint"] != before  # now fp32
+    assert checkpoint.read_metadata(out / "model.safetensors")["fingerprint"] != before  # now fp32
 
 
 def test_corrupt_or_truncated_checkpoint(tmp_path):
     ckpt = tmp_path / "model.safetensors"
-    save_checkpoint(ckpt, Transformer(ModelArgs.from_name("tiny")), "tiny")
+    model = Transformer(ModelArgs.from_name("tiny"))
+    checkpoint.save(ckpt, model.canonical_weights(), model.config, "tiny")
     data = ckpt.read_bytes()
     for broken in (data[:len(data) // 2], data[:100], b"\x00" * 64):
         ckpt.write_bytes(broken)
         with pytest.raises(CheckpointError) as e:
-            load_checkpoint(ckpt)
+            checkpoint.load(ckpt)
         assert "\n" not in str(e.value)
 
 
@@ -178,7 +181,7 @@ def test_bad_input_gives_one_line(tmp_path):
 # The bundled GGUF
 
 def test_default_gguf_checkpoint(smollm2_dir):
-    meta = read_checkpoint_metadata(smollm2_dir / "model.safetensors")
+    meta = checkpoint.read_metadata(smollm2_dir / "model.safetensors")
     assert json.loads(meta["config"]) == asdict(ModelArgs.from_name("smollm2-135m"))
     assert (meta["name"], meta["source"], meta["fingerprint"]) == ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf", DEFAULT_FINGERPRINT)
     again = run("convert_gguf.py", "--out", smollm2_dir)
@@ -201,7 +204,7 @@ def test_default_gguf_greedy_matches_transformers(smollm2_dir, bundled_gguf):
     pytest.importorskip("accelerate")
     gguf_path = bundled_gguf
     hf = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
-    model, _ = load_checkpoint(smollm2_dir / "model.safetensors")
+    model, _ = checkpoint.load(smollm2_dir / "model.safetensors")
     tok = load_tokenizer(smollm2_dir)
     prompts = ["The capital of France is", "def fibonacci(n):",
                tok.render_chat([{"role": "user", "content": "Name three primary colours."}])]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import thresholds
+from generate import cli
 from tests.helpers import DATA, REPO, SHIPPED, random_model, random_windows
 
 
@@ -77,7 +78,7 @@ def test_model_wide_sparsity_weights_projections_by_size():
     (["--sparsities", "-0.1"], "error: --sparsities must each be in [0, 1), got -0.1"),
     (["--sparsities", "half"], "error: --sparsities expects comma-separated numbers, got 'half'"),
     (["--windows", "0"], "error: --windows and --scored must be at least 1"),
-    (["--text", "no/such.txt"], "error: text not found: no/such.txt"),
+    (["--text", "no/such.txt"], "error: text not found: no/such.txt (run python scripts/fetch_text.py)"),
     (["--checkpoint", "no/such/dir", "--text", "scripts/eval_ppl.py"], "error: checkpoint not found: no/such/dir "
                                                               "(convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)"),
 ])
@@ -86,7 +87,7 @@ def test_bad_input_gives_one_line(args, message, capsys, monkeypatch):
 
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as exit:
-        eval_ppl.cli(args)
+        cli(eval_ppl.main, args)
     assert exit.value.code == 1 and capsys.readouterr().err.strip().splitlines() == [message]
 
 
@@ -94,7 +95,7 @@ def test_fetch_text_without_apt_gives_one_line(tmp_path):
     done = subprocess.run([sys.executable, "scripts/fetch_text.py", "--data", str(tmp_path / "data"), "--cache", str(tmp_path / "cache")],
                           cwd=REPO, capture_output=True, text=True, env={"PATH": str(tmp_path)})
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1] == "fetch_text: apt-get and dpkg-deb are needed to fetch the text (a Debian-based system)"
+    assert done.stderr.strip().splitlines()[-1] == "error: apt-get and dpkg-deb are needed to fetch the text (a Debian-based system)"
     assert not (tmp_path / "data").exists()
 
 

@@ -8,7 +8,8 @@ import torch
 
 import generate
 import thresholds
-from model import ModelArgs, Transformer, save_checkpoint
+from checkpoint import save
+from model import ModelArgs, Transformer
 from tokenizer import PATTERNS, save_tokenizer
 
 CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -25,7 +26,7 @@ def checkpoint(tmp_path_factory):
             p.normal_(0, 1.0 if "norm" in name or "embeddings" in name else 0.1)
         for proj in model.projections():
             proj.weight.data.normal_(0, proj.weight.in_features ** -0.5)
-    meta = save_checkpoint(ckpt / "model.safetensors", model, "tiny-test")
+    meta = save(ckpt / "model.safetensors", model.canonical_weights(), model.config, "tiny-test")
     save_tokenizer(ckpt, "tiktoken", special_tokens={}, bos_id=None, eos_ids=[], add_bos=False, chat_template=CHAT,
                    pattern=PATTERNS["gpt2"], ranks={bytes([i]): i for i in range(256)})
     table = thresholds.calibrate(model, torch.randint(0, 256, (8, 64)), skip=8, refine=False)
@@ -38,7 +39,7 @@ def run(capsys, *argv):
     """-> (exit code, stdout, stderr) of the command line, as `python generate.py ...` runs it."""
     code = 0
     try:
-        generate.cli([*map(str, argv)])
+        generate.cli(generate.main, [*map(str, argv)])
     except SystemExit as e:
         code = e.code
     out, err = capsys.readouterr()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import thresholds
+from generate import cli
 from model import PROJECTIONS
 from thresholds import ThresholdsError, greedy
 from tests.helpers import REPO, SHIPPED, random_model, random_windows
@@ -201,7 +202,7 @@ def test_refuses_damaged_greedy_rows(tiny, tmp_path, damage, message):
     ("greedy_search", ["--checkpoint", "no/such/dir", "--text", "README.md"], "error: checkpoint not found: no/such/dir "
                                                               "(convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)"),
     ("accuracy_report", ["--sparsities", "0.5,0.95"], "error: --sparsities must each be in (0, 0.9], got [0.5, 0.95]"),
-    ("accuracy_report", ["--text", "no/such.txt"], "error: text not found: no/such.txt"),
+    ("accuracy_report", ["--text", "no/such.txt"], "error: text not found: no/such.txt (run python scripts/fetch_text.py)"),
     ("plot_activations", ["--text", "no/such.txt"], "error: text not found: no/such.txt (run python scripts/fetch_text.py)"),
     ("plot_activations", ["--checkpoint", "no/such/dir", "--text", "README.md"], "error: checkpoint not found: no/such/dir "
                                                               "(convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)"),
@@ -212,7 +213,7 @@ def test_scripts_bad_input_gives_one_line(script, args, message, capsys, monkeyp
     module = importlib.import_module(f"scripts.{script}")
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as exit:
-        module.cli(args)
+        cli(module.main, args)
     assert exit.value.code == 1 and capsys.readouterr().err.strip().splitlines() == [message]
 
 

@@ -10,7 +10,7 @@ them back at any sparsity, and measure perplexity under them.
 from thresholds.calibration import GRID, SKIP, calibrate, histogram, observe, quantiles, token_windows
 from thresholds.greedy import greedy_search
 from thresholds.perplexity import model_wide, perplexity
-from thresholds.store import FORMAT, METHODS, VERSION, Thresholds, ThresholdsError, find_thresholds, load
+from thresholds.store import FORMAT, METHODS, SHIPPED, VERSION, Thresholds, ThresholdsError, find_thresholds, load
 
-__all__ = ["FORMAT", "GRID", "METHODS", "SKIP", "VERSION", "Thresholds", "ThresholdsError", "calibrate",
+__all__ = ["FORMAT", "GRID", "METHODS", "SHIPPED", "SKIP", "VERSION", "Thresholds", "ThresholdsError", "calibrate",
            "find_thresholds", "greedy_search", "histogram", "load", "model_wide", "observe", "perplexity", "quantiles", "token_windows"]

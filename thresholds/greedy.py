@@ -23,12 +23,12 @@ would give different X, so propagating sparse outputs needs one search per targe
 and it is what TEAL's reference does.
 """
 import json
-import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from checkpoint import atomic_write_text
 from model import KVCache, observing
 
 STEP = 0.01  # effective sparsity added per step
@@ -146,9 +146,7 @@ def write_state(path, settings, done):
     resumed search returns exactly what an uninterrupted one would."""
     doc = dict(settings=settings, blocks={str(k): dict(rows=r.tolist(), thresholds=t.tolist(), errors=e.tolist())
                                           for k, (r, t, e) in sorted(done.items())})
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc))
 
 
 @torch.no_grad()

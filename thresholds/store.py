@@ -5,8 +5,8 @@ A JSON document (version 2):
     format        "teal-thresholds"
     version       1; a reader refuses newer versions
     name          the checkpoint's name, e.g. "smollm2-135m-instruct"
-    fingerprint   the checkpoint's weight fingerprint (model.fingerprint); thresholds load only
-                  onto the checkpoint they were calibrated on
+    fingerprint   the checkpoint's weight fingerprint (checkpoint.fingerprint); thresholds load
+                  only onto the checkpoint they were calibrated on, or one derived from it
     config        the model config (model.ModelArgs as a dict), checked too
     calibration   how the thresholds were made: text, windows, window_length, skip_positions,
                   tokens, histogram, dtype
@@ -35,13 +35,13 @@ A file without greedy rows (every version-1 file) serves "greedy" with uniform t
 A reader of version n reads every version up to n.
 """
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 import torch
 
+from checkpoint import atomic_write_text
 from model import PROJECTIONS
 
 FORMAT = "teal-thresholds"
@@ -132,11 +132,7 @@ class Thresholds:
 
     def save(self, path):
         """Write atomically: a reader never sees a half-written file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_json())
 
 
 def config_dict(config):
@@ -198,7 +194,10 @@ def parse_greedy(greedy, n_layer, top, where):
 
 
 def load(path, fingerprint=None, config=None):
-    """Read a thresholds file; with fingerprint and/or config, refuse one made for another model."""
+    """Read a thresholds file; with fingerprint and/or config, refuse one made for another model.
+
+    fingerprint: the checkpoint's, or a sequence of them (checkpoint.lineage: a derived checkpoint
+    accepts the thresholds of the checkpoint it was made from)."""
     path = Path(path)
     if not path.is_file():
         raise ThresholdsError(f"thresholds file not found: {path}")
@@ -208,8 +207,9 @@ def load(path, fingerprint=None, config=None):
         raise ThresholdsError(f"{path} is not valid JSON ({e}); recalibrate with scripts/calibrate.py") from None
     t = parse(doc, path)
     made_for = f"{t.name or 'another model'} (fingerprint {t.fingerprint or 'none'})"
-    if fingerprint is not None and fingerprint != t.fingerprint:
-        raise ThresholdsError(f"{path} was calibrated for {made_for}, not this checkpoint (fingerprint {fingerprint})")
+    accepted = (fingerprint,) if isinstance(fingerprint, str) else fingerprint
+    if accepted is not None and t.fingerprint not in accepted:
+        raise ThresholdsError(f"{path} was calibrated for {made_for}, not this checkpoint (fingerprint {', '.join(accepted)})")
     if config is not None:
         ours = config_dict(config)
         diff = sorted(k for k in set(ours) | set(t.config) if ours.get(k) != t.config.get(k))
@@ -221,13 +221,15 @@ def load(path, fingerprint=None, config=None):
 
 def find_thresholds(checkpoint_dir, fingerprint):
     """-> the thresholds file for a checkpoint, or None: <checkpoint_dir>/thresholds.json if it
-    exists, else a shipped file under thresholds/files/ made for this fingerprint."""
+    exists, else a shipped file under thresholds/files/ made for this fingerprint (or, given a
+    sequence of fingerprints, for any of them, as load takes them)."""
+    accepted = (fingerprint,) if isinstance(fingerprint, str) else tuple(fingerprint)
     local = Path(checkpoint_dir) / "thresholds.json"
     if local.is_file():
         return local
     for path in sorted(SHIPPED.glob("*.json")):
         try:
-            if json.loads(path.read_text()).get("fingerprint") == fingerprint:
+            if json.loads(path.read_text()).get("fingerprint") in accepted:
                 return path
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             continue  # a broken shipped file is reported when it is loaded by name, not here
