@@ -66,6 +66,20 @@ class Tokenizer:
         ids = self.encode_text(text)
         return [self.bos_id] + ids if bos and self.bos_id is not None else ids
 
+    def encode_chat(self, messages):
+        """The chat prompt's ids: the template's text with its special tokens, each message's content
+        as plain text, so that a special token typed in a message is text, not control. Templates
+        write their own BOS."""
+        markers = [f"\ue000{i}\ue001" for i in range(len(messages))]  # private-use code points
+        rendered = self.render_chat([dict(m, content=mark) for m, mark in zip(messages, markers)])
+        ids = []
+        for message, mark in zip(messages, markers):
+            template, sep, rendered = rendered.partition(mark)
+            if not sep:
+                raise TokenizerError("the chat template does not write each message's content once")
+            ids += self.encode_text(template) + self.encode_plain(message["content"])
+        return ids + self.encode_text(rendered)
+
     def render_chat(self, messages):
         """messages: [{"role": ..., "content": ...}] -> the prompt text, ending where the assistant speaks."""
         if not self.chat_template:
@@ -102,19 +116,29 @@ class TiktokenTokenizer(Tokenizer):
         self.pattern = regex.compile(config["pattern"])
 
     def encode_text(self, text):
-        data = text.encode("utf-8", "replace")
-        if len(data.translate(None, self.missing_bytes)) == len(data):
+        if self.has_all_bytes(text):
             return self.encoding.encode(text, allowed_special="all")
         # Hugging Face's BPE drops a byte it has no token for before merging its neighbours, so
         # split as tiktoken would (specials, then the pattern) and run BPE on each piece here.
         ids = []
         for special, part in self.split_special(text):
-            if special is not None:
-                ids.append(special)
-                continue
-            for piece in self.pattern.findall(part):
-                ids.extend(self.bpe(piece.encode("utf-8", "replace").translate(None, self.missing_bytes)))
+            ids += [special] if special is not None else self.encode_pieces(part)
         return ids
+
+    def encode_plain(self, text):
+        """text's ids with special tokens' spellings taken as text."""
+        if self.has_all_bytes(text):
+            return self.encoding.encode(text, allowed_special=set(), disallowed_special=())
+        return self.encode_pieces(text)
+
+    def has_all_bytes(self, text):
+        """Whether every byte of text has a token (tiktoken panics on one that has none)."""
+        data = text.encode("utf-8", "replace")
+        return len(data.translate(None, self.missing_bytes)) == len(data)
+
+    def encode_pieces(self, text):
+        """The slow path: the pattern's pieces, each by BPE with the missing bytes dropped."""
+        return [i for piece in self.pattern.findall(text) for i in self.bpe(piece.encode("utf-8", "replace").translate(None, self.missing_bytes))]
 
     def bpe(self, piece):
         """tiktoken's byte-pair merge of one piece: merge the adjacent pair making the lowest rank."""
@@ -145,6 +169,9 @@ class SentencePieceTokenizer(Tokenizer):
         for special, part in self.split_special(text):
             ids.extend([special] if special is not None else self.sp.encode(part))
         return ids
+
+    def encode_plain(self, text):
+        return self.sp.encode(text)
 
     def decode(self, ids):
         return self.sp.decode(list(ids))

@@ -20,7 +20,7 @@ import thresholds
 from checkpoint import atomic_write_text
 from generate import DTYPES, UsageError, cli, dtype_name, find_table, load_model, resolve_device
 from model import PROJECTIONS
-from scripts.common import DATA, RESULTS, environment, save_figure, save_json, shown, text_files, text_windows
+from scripts.common import DATA, scored_windows, RESULTS, environment, save_figure, save_json, shown, text_files, text_windows
 
 METHODS = ("uniform", "greedy")
 
@@ -33,7 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6,0.7", help="comma-separated, each in (0, 0.9]; dense is always included")
     p.add_argument("--windows", type=int, default=8, help="number of windows")
     p.add_argument("--window-length", type=int, default=2048, help="C (capped at the model's maximum)")
-    p.add_argument("--scored", type=int, default=512, help="E: the thresholded, scored tokens at each window's end")
+    p.add_argument("--scored", type=int, help="E: the thresholded, scored tokens at each window's end "
+                   "(default: 512, or a quarter of the window where that is shorter than 2048)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -44,7 +45,7 @@ def parse_args(argv=None):
         raise UsageError(f"--sparsities expects comma-separated numbers, got {args.sparsities!r}") from None
     if any(not 0 < s <= 0.9 for s in args.sparsities):
         raise UsageError(f"--sparsities must each be in (0, 0.9], got {args.sparsities}")
-    if args.windows < 1 or args.scored < 1:
+    if args.windows < 1 or (args.scored is not None and args.scored < 1):
         raise UsageError("--windows and --scored must be at least 1")
     resolve_device(args.device)
     args.text = text_files(args.text, DATA / "heldout")
@@ -99,9 +100,7 @@ def main(argv=None):
     table, path = find_table(meta, ckpt, args.thresholds, model.config)
     if table.greedy is None:
         raise UsageError(f"{path} has no greedy rows (add them with python -m scripts.greedy_search)")
-    C = min(args.window_length, model.config.block_size)
-    if args.scored >= C:
-        raise UsageError(f"--scored {args.scored} must be below the window length {C}")
+    C, args.scored = scored_windows(args.window_length, args.scored, model.config.block_size)
     ids, windows = text_windows(tokenizer, args.text, args.windows, C + 1)  # + 1: the last position's label
 
     n_layer = model.config.n_layer

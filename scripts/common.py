@@ -39,6 +39,16 @@ def text_windows(tokenizer, paths, n, length):
         raise UsageError(str(e)) from None
 
 
+def scored_windows(window_length, scored, block_size):
+    """(C, E) of the perplexity protocol: windows of C tokens (capped at the model's positions), the
+    last E thresholded and scored; E by default 512, or a quarter of C where C is shorter than 2048."""
+    C = min(window_length, block_size)
+    E = scored or min(512, C // 4)
+    if not 0 < E < C:
+        raise UsageError(f"--scored {E} must be between 1 and the window length {C} - 1")
+    return C, E
+
+
 def shown(path):
     """A path as a results file records it: relative to the repository when inside it."""
     path = Path(path).resolve()

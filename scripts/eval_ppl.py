@@ -17,7 +17,7 @@ import torch
 import thresholds
 from generate import DTYPES, UsageError, cli, dtype_name, find_table, load_model, resolve_device
 from model import PROJECTIONS
-from scripts.common import DATA, save_json, shown, text_files, text_windows
+from scripts.common import DATA, scored_windows, save_json, shown, text_files, text_windows
 
 
 def sparsity_list(text):
@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", default="0,0.25,0.4,0.5,0.6,0.7", help="comma-separated, each in [0, 1)")
     p.add_argument("--windows", type=int, default=16, help="number of windows")
     p.add_argument("--window-length", type=int, default=2048, help="C (capped at the model's maximum)")
-    p.add_argument("--scored", type=int, default=512, help="E: the thresholded, scored tokens at each window's end")
+    p.add_argument("--scored", type=int, help="E: the thresholded, scored tokens at each window's end "
+                   "(default: 512, or a quarter of the window where that is shorter than 2048)")
     p.add_argument("--method", choices=thresholds.METHODS, default="greedy",
                    help="per-projection sparsities from the file's greedy rows (uniform where it has none), or one for all")
     p.add_argument("--thresholds", type=Path, help="thresholds file (default: the one that goes with the checkpoint)")
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
     args.sparsities = sparsity_list(args.sparsities)
-    if args.windows < 1 or args.scored < 1:
+    if args.windows < 1 or (args.scored is not None and args.scored < 1):
         raise UsageError("--windows and --scored must be at least 1")
     resolve_device(args.device)
     args.text = text_files(args.text, DATA / "heldout")
@@ -77,9 +78,7 @@ def main(argv=None):
     dtype = dtype_name(args.dtype, args.device)
     model, meta, tokenizer, ckpt = load_model(args.checkpoint, args.device, DTYPES[dtype])
     table, table_path = table_for(model, meta, ckpt, args)
-    C = min(args.window_length, model.config.block_size)
-    if args.scored >= C:
-        raise UsageError(f"--scored {args.scored} must be below the window length {C}")
+    C, args.scored = scored_windows(args.window_length, args.scored, model.config.block_size)
     ids, windows = text_windows(tokenizer, args.text, args.windows, C + 1)  # + 1: the last position's label
 
     # What actually ran: a file without greedy rows serves "greedy" with uniform thresholds.

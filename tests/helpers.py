@@ -36,3 +36,29 @@ def interpreted(module, kernel):
         if type(getattr(mod, kernel)).__name__ != "InterpretedFunction":
             pytest.skip("triton was imported for a GPU (CUDA present): the interpreter tests need a CPU-only process")
         yield mod
+
+
+CHAT = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+def tiny_checkpoint(ckpt):
+    """A tiny random checkpoint in directory ckpt (128 positions), with a byte-level tokenizer
+    (token id = byte) and a uniform thresholds file calibrated on random tokens."""
+    import thresholds
+    from checkpoint import save
+    from tokenizer import PATTERNS, save_tokenizer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.from_name("tiny"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0, 1.0 if "norm" in name or "embeddings" in name else 0.1)
+        for proj in model.projections():
+            proj.weight.data.normal_(0, proj.weight.in_features ** -0.5)
+    meta = save(ckpt / "model.safetensors", model.canonical_weights(), model.config, "tiny-test")
+    save_tokenizer(ckpt, "tiktoken", special_tokens={}, bos_id=None, eos_ids=[], add_bos=False, chat_template=CHAT,
+                   pattern=PATTERNS["gpt2"], ranks={bytes([i]): i for i in range(256)})
+    table = thresholds.calibrate(model, torch.randint(0, 256, (8, 64)), skip=8, refine=False)
+    table.name, table.fingerprint = "tiny-test", meta["fingerprint"]
+    table.save(ckpt / "thresholds.json")
+    return ckpt

@@ -46,6 +46,13 @@ def test_compiled_sparse_decode_matches_eager_without_recompiling(model):
         if i > 0:
             assert counters["stats"]["unique_graphs"] == before, "new thresholds recompiled the decode step"
     assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    # Sampling settings are no part of the graph either: the temperature is a tensor, 0 included.
+    before = counters["stats"]["unique_graphs"]
+    for temperature in (0.8, 0.3, 0.0, 1.5):
+        generate.generate(model, prompt, 8, decode, True, temperature, 5)
+        if temperature == 0.8:
+            before = counters["stats"]["unique_graphs"]  # a new top-k is a new graph; the same one is not
+    assert counters["stats"]["unique_graphs"] == before, "a new temperature recompiled the decode step"
     model.set_thresholds(torch.zeros(model.config.n_layer, 7))
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import thresholds
 from generate import cli
-from tests.helpers import DATA, REPO, SHIPPED, random_model, random_windows
+from tests.helpers import DATA, REPO, SHIPPED, random_model, random_windows, tiny_checkpoint
 
 
 def run_script(*args):
@@ -162,3 +162,14 @@ def test_eval_ppl_script_end_to_end(smollm2_dir, tmp_path):
     assert "vs dense" in done.stdout
     # --method greedy is the default: greedy rows where the file has them, uniform otherwise.
     assert doc["method"] == ("greedy" if thresholds.load(SHIPPED).greedy is not None else "uniform")
+
+
+def test_eval_ppl_defaults_fit_a_short_context_model(tmp_path, capsys):
+    """A model of 128 positions: windows of 128, the last quarter scored, with no flag for it."""
+    from scripts import eval_ppl
+
+    ckpt = tiny_checkpoint(tmp_path)
+    eval_ppl.main(["--checkpoint", str(ckpt), "--text", str(REPO / "README.md"), "--windows", "2", "--sparsities", "0,0.5",
+                   "--device", "cpu", "--out", str(tmp_path / "ppl.json")])
+    doc = json.loads((tmp_path / "ppl.json").read_text())
+    assert (doc["window_length"], doc["scored"], doc["tokens_scored"]) == (128, 32, 64)

@@ -74,10 +74,20 @@ class Thresholds:
         """
         if method not in METHODS:
             raise ThresholdsError(f"unknown thresholds method {method!r}; expected one of {', '.join(METHODS)}")
-        if method == "greedy" and self.greedy is not None:
+        if self.serves(method) == "greedy":
             return self.greedy_at(sparsity, self.greedy_thresholds).float()
         n_layer = self.uniform.shape[0]
         return self.for_sparsities(torch.full((n_layer, len(PROJECTIONS)), float(sparsity), dtype=torch.float64))
+
+    def serves(self, method):
+        """The method `at` really uses for `method`: greedy only where the file has greedy rows."""
+        return "greedy" if method == "greedy" and self.greedy is not None else "uniform"
+
+    def top(self, method="uniform"):
+        """The highest model-wide sparsity `at` serves with `method`."""
+        if self.serves(method) == "greedy":
+            return min(float(rows[-1, 0]) for rows in self.greedy)
+        return self.grid[-1]
 
     def greedy_sparsities(self, sparsity):
         """-> [n_layer, 7] fp64: each block's seven sparsities at effective `sparsity` (so each
