@@ -1,6 +1,7 @@
 """The converters, run as a user runs them: Hugging Face round trips on tiny random models, the
 bundled GGUF against transformers' own GGUF loader, and bad inputs."""
 import json
+import signal
 import subprocess
 import sys
 from dataclasses import asdict
@@ -217,3 +218,20 @@ def test_default_gguf_greedy_matches_transformers(smollm2_dir, bundled_gguf):
             logits = hf(torch.tensor([ids + ours])).logits[0, len(ids) - 1:-1]
         theirs = logits.argmax(-1).tolist()
         assert theirs == ours, (prompt, tok.decode(ours), tok.decode(theirs))
+
+
+def test_ctrl_c_ends_a_conversion_quietly_and_leaves_no_checkpoint(tmp_path, bundled_gguf):
+    """SIGINT while dequantizing: one line, exit code 130, no traceback, no model.safetensors."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "scripts/convert_gguf.py", "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "dequantize" not in seen:  # the progress bar: conversion is under way
+        seen += proc.stderr.read(1)
+        assert seen or proc.poll() is None, "the converter ended before it started"
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in seen + rest and (seen + rest).strip().splitlines()[-1].endswith("interrupted")
+    assert not (out / "model.safetensors").exists()
