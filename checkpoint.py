@@ -18,10 +18,16 @@ load, in model.load_weights). For a model of n_layer blocks:
     layers.{i}.feed_forward.{gate,up}.weight   [intermediate_size, dim]
     layers.{i}.feed_forward.down.weight        [dim, intermediate_size]
 
+A quantized checkpoint (quantize.py) stores each projection segment as the canonical tensors of
+its format, <name>.weight plus <name>.scales (int8), and <name>.zeros (int4); sparse_kernels/packed.py
+documents them. Everything else stays float.
+
 Metadata (strings): format "teal-checkpoint", version, name, config (model.ModelArgs as JSON),
 fingerprint (of the canonical tensors: a thresholds file is tied to it), source and source_format
-(what it was converted from). A derived checkpoint (quantized, resharded) adds source_fingerprint,
-the fingerprint of the checkpoint it was made from: thresholds made for that one apply to it.
+(what it was converted from); quantization (JSON {"mode": "int8" | "int4", "group_size": G or
+null}) when the projections are quantized. A derived checkpoint (quantized, resharded) adds
+source_fingerprint, the fingerprint of the checkpoint it was made from: thresholds made for that
+one apply to it.
 """
 import hashlib
 import json
@@ -112,23 +118,26 @@ def atomic_write_text(path, text):
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def check_tensors(tensors, config):
-    """Every canonical tensor of config, with its shape, and no other; else CheckpointError."""
+def check_tensors(tensors, config, quantization=None):
+    """Every canonical tensor of config (quantized as quantization says), with its shape, and no
+    other; else CheckpointError."""
     with torch.device("meta"):
-        problem = mismatch(Transformer(config).canonical_shapes(), tensors)
+        problem = mismatch(Transformer(config, **weight_format(quantization)).canonical_shapes(), tensors)
     if problem:
         raise CheckpointError(f"weights do not fit the config: {problem}")
 
 
-def save(path, tensors, config, name, **extra):
+def save(path, tensors, config, name, quantization=None, **extra):
     """Write canonical tensors and their metadata to path (a model.safetensors), atomically.
-    extra: more metadata (source, source_format, source_fingerprint, ...), as strings. -> metadata."""
+    quantization: {"mode", "group_size"} of quantized projections; extra: more metadata (source,
+    source_format, source_fingerprint, ...), as strings. -> metadata."""
     from safetensors.torch import save_file
 
-    check_tensors(tensors, config)
+    check_tensors(tensors, config, quantization)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"format": FORMAT, "version": str(VERSION), "name": name, "config": json.dumps(asdict(config)),
-            "fingerprint": fingerprint(tensors), **{k: str(v) for k, v in extra.items()}}
+            "fingerprint": fingerprint(tensors), **({"quantization": json.dumps(quantization)} if quantization else {}),
+            **{k: str(v) for k, v in extra.items()}}
 
     def write(tmp):
         save_file(tensors, tmp, metadata=meta)
@@ -176,6 +185,19 @@ def read_tensors(path):
     return tensors, meta
 
 
+def quantization_of(meta):
+    """-> {"mode", "group_size"} of a quantized checkpoint's projections, or None (float)."""
+    try:
+        return json.loads(meta["quantization"]) if "quantization" in meta else None
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint's quantization is unreadable ({e})") from None
+
+
+def weight_format(quantization):
+    """-> Transformer's fmt and group_size keywords for a quantization (None: the dtype's float format)."""
+    return dict(fmt=quantization["mode"], group_size=quantization.get("group_size")) if quantization else {}
+
+
 def config_of(meta):
     try:
         return ModelArgs(**json.loads(meta["config"]))
@@ -186,7 +208,7 @@ def config_of(meta):
 def load(path, device="cpu", dtype=torch.float32):
     """-> (Transformer on device in dtype, thresholds at 0, metadata)."""
     tensors, meta = read_tensors(path)
-    model = Transformer(config_of(meta), dtype=dtype, device=device)
+    model = Transformer(config_of(meta), dtype=dtype, device=device, **weight_format(quantization_of(meta)))
     try:
         model.load_weights(tensors)
     except ValueError as e:

@@ -88,10 +88,12 @@ class Projection(nn.Module):
     `names` are the segments' names, as canonical checkpoint tensors name them.
     """
 
-    def __init__(self, in_features, splits, names, fmt="bf16", device=None):
+    def __init__(self, in_features, splits, names, weights, device=None):
+        """weights: (format, activation dtype, group size), as PackedWeight takes them."""
         super().__init__()
         self.names = names
-        self.weight = PackedWeight(sum(splits), in_features, fmt, splits, device=device)
+        fmt, dtype, group_size = weights
+        self.weight = PackedWeight(sum(splits), in_features, fmt, splits, device=device, dtype=dtype, group_size=group_size)
         # Not in the state dict: thresholds come from a thresholds file, tied to the checkpoint.
         self.register_buffer("thresholds", torch.zeros(len(splits), device=device), persistent=False)
         # Inputs each threshold kept, counted by the kernel while record is on (record_sparsity).
@@ -128,13 +130,13 @@ def observing(observers):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, fmt, device=None):
+    def __init__(self, config, weights, device=None):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_out, kv_out = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
         self.splits = (q_out, kv_out, kv_out)
-        self.qkv = Projection(config.dim, self.splits, ("q", "k", "v"), fmt, device)
-        self.o = Projection(q_out, (config.dim,), ("o",), fmt, device)
+        self.qkv = Projection(config.dim, self.splits, ("q", "k", "v"), weights, device)
+        self.o = Projection(q_out, (config.dim,), ("o",), weights, device)
         self.kv_cache = None
 
     def forward(self, qkv, rope, input_pos, mask):
@@ -165,10 +167,10 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """down(silu(gate(x)) * up(x)): gate and up are one projection of two segments."""
 
-    def __init__(self, config, fmt, device=None):
+    def __init__(self, config, weights, device=None):
         super().__init__()
-        self.gate_up = Projection(config.dim, (config.intermediate_size, config.intermediate_size), ("gate", "up"), fmt, device)
-        self.down = Projection(config.intermediate_size, (config.dim,), ("down",), fmt, device)
+        self.gate_up = Projection(config.dim, (config.intermediate_size, config.intermediate_size), ("gate", "up"), weights, device)
+        self.down = Projection(config.intermediate_size, (config.dim,), ("down",), weights, device)
 
 
 class RMSNorm(nn.Module):
@@ -182,12 +184,12 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, fmt, dtype, device=None):
+    def __init__(self, config, weights, dtype, device=None):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps, dtype, device)
-        self.attention = Attention(config, fmt, device)
+        self.attention = Attention(config, weights, device)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, dtype, device)
-        self.feed_forward = FeedForward(config, fmt, device)
+        self.feed_forward = FeedForward(config, weights, device)
 
     def projections(self):
         """The block's Projection modules and which of the seven thresholds each holds."""
@@ -207,13 +209,16 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config, dtype=torch.float32, fmt=None, device=None):
-        """Built directly in its dtype: thresholds stay fp32, so never call .to(dtype) on it."""
+    def __init__(self, config, dtype=torch.float32, fmt=None, group_size=None, device=None):
+        """Built directly in its dtype: thresholds stay fp32, so never call .to(dtype) on it.
+        fmt: the projections' weight format (sparse_kernels.FORMATS; by default dtype's float one),
+        group_size: int4's."""
         super().__init__()
         self.config = config
         fmt = fmt or {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        weights = (fmt, dtype, group_size)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(Block(config, fmt, dtype, device) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, weights, dtype, device) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps, dtype, device)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False, dtype=dtype, device=device)
         if config.tie_embeddings:

@@ -1,0 +1,122 @@
+"""Quantize a checkpoint's projections to int8 or int4 weights: a derived checkpoint.
+
+    python quantize.py --checkpoint DIR --mode int8                  # -> DIR-int8
+    python quantize.py --checkpoint DIR --mode int4 --group-size 128 # -> DIR-int4-g128
+    python quantize.py --mode int8                                   # the bundled model
+
+Every projection (q, k, v, o, gate, up, down) is quantized by round-to-nearest
+(sparse_kernels.quantize: int8 one scale per output channel; int4 a scale and a zero per group of
+input channels); embeddings, norms and lm_head stay as they are. The output directory holds the
+tokenizer, the source's thresholds file if it has one, and model.safetensors written last and
+atomically; its metadata records the source's fingerprint, so the source's thresholds apply
+unchanged (sparsity is measured on the activations, which quantization barely moves).
+"""
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import checkpoint
+from generate import UsageError, cli, resolve_device
+from sparse_kernels import GROUP_SIZES, PackedWeight, quantize
+
+MODES = ("int8", "int4")
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.tiktoken", "tokenizer.model")
+
+
+def is_projection(name):
+    """Whether a canonical tensor is a projection segment's weight (layers.{i}.attention.q.weight ...)."""
+    return name.startswith("layers.") and name.rsplit(".", 2)[-2] in ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def quantize_tensors(tensors, mode, group_size=None, device="cpu"):
+    """Canonical float tensors -> the same with every projection's weight quantized (its name.weight
+    replaced by the format's canonical tensors, name.scales and name.zeros beside it)."""
+    out = {}
+    names = sorted(tensors)
+    for name in tqdm(names, desc=f"quantize {mode}", unit="tensor", file=sys.stderr):
+        if not is_projection(name):
+            out[name] = tensors[name]
+            continue
+        prefix = name.removesuffix(".weight")
+        for part, t in quantize(tensors[name].to(device), mode, group_size).items():
+            out[f"{prefix}.{part}"] = t.cpu()
+    return out
+
+
+@torch.no_grad()
+def quantize_model(model, mode, group_size=None):
+    """Quantize a model's projections in place (a model built on the GPU with random weights, as
+    the decode benchmark builds them): each fused weight at once, its rows being independent."""
+    for proj in model.projections():
+        pw = proj.weight
+        quantized = PackedWeight(pw.out_features, pw.in_features, mode, pw.splits, device=pw.data.device, dtype=pw.dtype,
+                                 group_size=group_size)
+        proj.weight = quantized.load(quantize(pw.dequantize(), mode, group_size))
+    return model
+
+
+def suffix(mode, group_size):
+    """What a derived checkpoint's directory and name add to its source's: -int8, -int4-g128."""
+    return f"-{mode}" + (f"-g{group_size}" if mode == "int4" else "")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, help="checkpoint dir or model.safetensors (default: the bundled model)")
+    p.add_argument("--mode", required=True, help="int8 (per output channel) or int4 (per group of input channels)")
+    p.add_argument("--group-size", type=int, help=f"int4: input channels a group, one of {', '.join(map(str, GROUP_SIZES))} (default: 128)")
+    p.add_argument("--out", type=Path, help="output directory (default: beside the source, named DIR-int8 or DIR-int4-g<G>)")
+    p.add_argument("--device", default="cpu", help="where to compute the quantization (cpu, cuda)")
+    p.add_argument("--force", action="store_true", help="quantize again even if --out already holds the result")
+    args = p.parse_args(argv)
+    if args.mode not in MODES:
+        raise UsageError(f"--mode must be int8 or int4, got {args.mode!r}")
+    if args.mode == "int8" and args.group_size is not None:
+        raise UsageError("--group-size is for int4; int8 has one scale per output channel")
+    if args.mode == "int4":
+        args.group_size = args.group_size or 128
+        if args.group_size not in GROUP_SIZES:
+            raise UsageError(f"--group-size must be a power of two in {', '.join(map(str, GROUP_SIZES))}, got {args.group_size}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    resolve_device(args.device)
+    source = checkpoint.resolve(args.checkpoint)
+    meta = checkpoint.read_metadata(source)
+    if checkpoint.quantization_of(meta):
+        raise UsageError(f"{source} is already quantized ({meta['quantization']}); quantize its float source instead")
+    quantization = {"mode": args.mode, "group_size": args.group_size}
+    out_dir = args.out or source.parent.with_name(source.parent.name + suffix(args.mode, args.group_size))
+    target = out_dir / checkpoint.FILE
+    if target.is_file() and not args.force:
+        done = checkpoint.read_metadata(target)
+        if (done.get("source_fingerprint"), checkpoint.quantization_of(done)) == (meta["fingerprint"], quantization):
+            print(f"{out_dir} already holds {source.parent.name} quantized so (--force quantizes again)")
+            return
+        raise UsageError(f"{out_dir} already holds another checkpoint; pass --force to replace it, or choose another --out")
+
+    t0 = time.perf_counter()
+    tensors, _ = checkpoint.read_tensors(source)
+    quantized = quantize_tensors(tensors, args.mode, args.group_size, args.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)  # the directory reads as incomplete until the new weights land
+    for name in TOKENIZER_FILES + ("thresholds.json",):
+        if (source.parent / name).is_file():
+            shutil.copyfile(source.parent / name, out_dir / name)
+    saved = checkpoint.save(target, quantized, checkpoint.config_of(meta), meta["name"] + suffix(args.mode, args.group_size),
+                            quantization=quantization, source=meta["name"], source_format="teal-checkpoint",
+                            source_fingerprint=meta["fingerprint"])
+    before, after = (sum(t.numel() * t.element_size() for t in d.values()) for d in (tensors, quantized))
+    print(f"wrote {out_dir} ({saved['name']}: {before / 1e9:.2f} GB -> {after / 1e9:.2f} GB, fingerprint {saved['fingerprint']}) "
+          f"in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    cli(main, errors=(OSError,))
