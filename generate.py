@@ -144,15 +144,17 @@ def load_thresholds(model, meta, ckpt, path, sparsity, method):
 
 
 def bytes_per_token(model, sparsity):
-    """Bytes a decode step reads: each projection's weight times its kept fraction, plus lm_head.
-    Norms, one embedding row and the KV cache are left out (under 1% at a few hundred tokens)."""
+    """Bytes a decode step reads: each projection's weight times its kept fraction (and all of its
+    int8/int4 scales and zeros), plus lm_head. Norms, one embedding row and the KV cache are left
+    out (under 1% at a few hundred tokens)."""
     total = model.output.weight.numel() * model.output.weight.element_size()
     for layer, row in zip(model.layers, sparsity):
         for proj, cols in layer.projections():
-            data = proj.weight.data
+            data, scales, zeros, _ = proj.weight.kernel_tensors()
             share = torch.tensor(proj.weight.splits, dtype=torch.float64) / proj.weight.out_features
             kept = float(((1 - row[cols].double()) * share).sum())
             total += data.numel() * data.element_size() * kept
+            total += sum(t.numel() * t.element_size() for t in (scales, zeros) if t is not None)
     return total
 
 

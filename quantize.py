@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 import checkpoint
@@ -57,6 +59,48 @@ def quantize_model(model, mode, group_size=None):
         quantized = PackedWeight(pw.out_features, pw.in_features, mode, pw.splits, device=pw.data.device, dtype=pw.dtype,
                                  group_size=group_size)
         proj.weight = quantized.load(quantize(pw.dequantize(), mode, group_size))
+    return model
+
+
+# The dense quantized baselines the benchmarks measure the sparse kernels against: gpt-fast's
+# weight-only int8 linear (inductor fuses the cast into its GEMV) and torch's tinygemm int4 kernel.
+# Each holds the same quantized weight as a PackedWeight and computes x @ W.T with no sparsity.
+
+class Int8Linear(nn.Module):
+    """gpt-fast's WeightOnlyInt8Linear: W int8 [out, in], one scale an output channel."""
+
+    def __init__(self, pw):
+        super().__init__()
+        self.register_buffer("weight", pw.data.t().contiguous())  # [out, in]
+        self.register_buffer("scales", pw.scales.to(pw.dtype))
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+
+class Int4Linear(nn.Module):
+    """torch's tinygemm (torch.ops.aten._weight_int4pack_mm, as gpt-fast and torchao use it), from
+    an int4 PackedWeight: tinygemm dequantizes (q - 8) * scale + zero, so zero = (8 - ours) * scale."""
+
+    def __init__(self, pw, inner_k_tiles=8):
+        super().__init__()
+        self.out_features, self.group_size = pw.out_features, pw.group_size
+        q = pw.int4_values().t().contiguous().to(torch.int32)  # [out, in]
+        self.register_buffer("weight", torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), inner_k_tiles))
+        scales = pw.scales.float()  # [n_groups, out]
+        zeros = (8 - pw.zeros.float()) * scales
+        self.register_buffer("scales_and_zeros", torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous())
+
+    def forward(self, x):
+        y = torch._weight_int4pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.group_size, self.scales_and_zeros)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def dense_baseline(model):
+    """A quantized model's dense baseline, in place: each projection's PackedWeight replaced by
+    gpt-fast's int8 linear or tinygemm's int4 one, for decoding with sparse=False only."""
+    for proj in model.projections():
+        proj.weight = {"int8": Int8Linear, "int4": Int4Linear}[proj.weight.fmt](proj.weight)
     return model
 
 

@@ -10,24 +10,23 @@ sparse_kernels.decode_attention (the custom op: rope of q and k, the cache write
 attention in one launch); SDPA is torch's scaled_dot_product_attention of the same roped q over the
 cache sliced to pos + 1 (GQA through enable_gqa, no copy of K and V; q's rope and the cache write
 are not timed), by default dispatch and under each backend that takes the call. Timing is
-sparse_kernels.gemv.time_in_graph: CUDA-graph replays cycling through enough cache copies (4x the
+sparse_kernels.tuning.time_in_graph: CUDA-graph replays cycling through enough cache copies (4x the
 L2) that each call reads its cache cold, medians. Bandwidth counts the bytes that must be read: K
 and V of pos + 1 positions of each kv head. Errors are max abs differences from a float64 reference.
 """
 import argparse
-import json
 import math
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from generate import UsageError, cli
 from model import apply_rope
-from sparse_kernels import attention, decode_attention, gemv
+from scripts.common import RESULTS, environment, gpu_tag, save_json
+from sparse_kernels import attention, decode_attention
+from sparse_kernels.tuning import time_in_graph, weight_copies
 
 HEADS = {"llama-3-8b": (32, 8, 128), "llama-2-7b": (32, 32, 128)}  # n_head, n_kv_head, head_dim
 CASES = [(256, 255), (1024, 1023), (4096, 4095), (8192, 8191), (4096, 255), (8192, 1023)]  # (S, pos)
@@ -101,17 +100,17 @@ def run_case(name, S, last, dtype, device):
     """Check, then time ours and SDPA at pos = last of an S-slot cache on the heads of `name` -> the case's row."""
     n_head, n_kv_head, D = HEADS[name]
     needed = 2 * n_kv_head * (last + 1) * D * dtype.itemsize  # K and V of the slots read
-    case = make_case(n_head, n_kv_head, D, S, dtype, device, copies=gemv.weight_copies(needed, device), pos=last)
+    case = make_case(n_head, n_kv_head, D, S, dtype, device, copies=weight_copies(needed, device), pos=last)
     qkv, cos, sin, pos, caches = case
     checked = check(case, n_head, n_kv_head)
-    ours = gemv.time_in_graph([lambda kc=kc, vc=vc: decode_attention(qkv, kc, vc, cos, sin, pos, n_head, n_kv_head)
-                               for kc, vc in caches])
+    ours = time_in_graph([lambda kc=kc, vc=vc: decode_attention(qkv, kc, vc, cos, sin, pos, n_head, n_kv_head)
+                          for kc, vc in caches])
     q = apply_rope(split(qkv, n_head, n_kv_head, D)[0], (cos[last], sin[last]))
     plain = [lambda kc=kc, vc=vc: sdpa(q, kc, vc, last) for kc, vc in caches]
-    sdpa_us = {"default": gemv.time_in_graph(plain)}
+    sdpa_us = {"default": time_in_graph(plain)}
     for label, backend in BACKENDS.items():
         try:
-            sdpa_us[label] = gemv.time_in_graph([under(backend, fn) for fn in plain])
+            sdpa_us[label] = time_in_graph([under(backend, fn) for fn in plain])
         except RuntimeError:  # this backend does not take the call (GQA, q length 1, the GPU)
             sdpa_us[label] = None
     best = min(t for t in sdpa_us.values() if t is not None)
@@ -126,7 +125,7 @@ def run_case(name, S, last, dtype, device):
 def table(result):
     """The rows as text: microseconds, GB/s of needed bytes, SDPA by backend ('-': refused the call)."""
     sdpa_cols = ["default", *BACKENDS]
-    lines = [f"{result['device']}  torch {result['torch']}  triton {result['triton']}  (us; GB/s of needed bytes)",
+    lines = [f"{result['device_name']}  torch {result['torch']}  triton {result['triton']}  (us; GB/s of needed bytes)",
              f"{'heads':<12}{'S':>6}{'pos':>6}{'MB':>7}{'ours':>8}{'GB/s':>7}" + "".join(f"{k:>10}" for k in sdpa_cols)
              + f"{'vs best':>9}{'err':>9}{'sdpa err':>9}  live/splits"]
     for r in result["rows"]:
@@ -148,13 +147,6 @@ def case_arg(text):
     return S, pos
 
 
-def write_atomic(path, result):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(HEADS), choices=list(HEADS))
@@ -163,26 +155,22 @@ def main(argv=None):
     p.add_argument("--out", help="JSON file (default benchmarks/results/attention_<device>.json)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("error: this benchmark times kernels on a CUDA GPU; none is available")
+        raise UsageError("this benchmark times kernels on a CUDA GPU; none is available")
     device = torch.device("cuda:0")
-    name = torch.cuda.get_device_name(device)
-    out = args.out or f"benchmarks/results/attention_{name.lower().removeprefix('nvidia ').split()[0]}.json"
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    out = args.out or RESULTS / f"attention_{gpu_tag(device)}.json"
     torch.manual_seed(0)
-    result = dict(device=name, sms=torch.cuda.get_device_properties(device).multi_processor_count,
-                  torch=torch.__version__, triton=triton.__version__, dtype="bf16", batch=1,
-                  block_t=attention.BLOCK_T, num_warps=attention.NUM_WARPS, num_stages=attention.NUM_STAGES,
-                  programs_per_sm=attention.PROGRAMS_PER_SM,
-                  command="python -m scripts.benchmark_attention " + " ".join(sys.argv[1:] if argv is None else argv), rows=[])
+    result = dict(**environment(device, "benchmark_attention", argv), sms=torch.cuda.get_device_properties(device).multi_processor_count,
+                  dtype="bf16", batch=1, block_t=attention.BLOCK_T, num_warps=attention.NUM_WARPS, num_stages=attention.NUM_STAGES,
+                  programs_per_sm=attention.PROGRAMS_PER_SM, rows=[])
     cases = [(m, S, pos) for m in args.models for S, pos in args.cases]
     for model, S, pos in tqdm(cases, desc="cases", unit="case"):
         result["rows"].append(run_case(model, S, pos, torch.bfloat16, device))
         # Written after every case: an interrupted run keeps what it finished.
-        write_atomic(out, result)
+        save_json(out, result)
 
     print("\n" + table(result))
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

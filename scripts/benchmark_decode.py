@@ -1,11 +1,21 @@
 """Batch-1 decode latency, dense against TEAL sparsities, end to end through generate.py's loop.
 
-A random-weight model is built at a real shape directly on the device (no checkpoint needed) and
-its uniform thresholds are calibrated on its own activations from random-token prompts, so the
-sparsity reported is measured during decode, not assumed. With --checkpoint, a real model and its
-thresholds file are used instead.
+A random-weight model is built at a real shape directly on the device (no checkpoint needed), in
+each weight format asked for (--weights: bf16, int8, int4; quantized on the GPU one projection at
+a time, so a 70B int8 model fits where its bf16 one would not), and its uniform thresholds are
+calibrated on its own activations from random-token prompts, so the sparsity reported is measured
+during decode, not assumed. With --checkpoint, a real model and its thresholds file are used.
 
-    python scripts/benchmark_decode.py --model llama-3-8b
+    python -m scripts.benchmark_decode --model llama-3-8b
+    python -m scripts.benchmark_decode --model llama-3-8b --weights bf16 int8 int4
+    python -m scripts.benchmark_decode --model llama-3-70b --weights int8 --sparsities 0.4,0.5,0.6
+
+Rows, for each format: its dense decode through plain torch (bf16: the model's own matmuls, the
+gpt-fast-style compiled step every ratio is against; int8: gpt-fast's weight-only int8 linear;
+int4: torch's tinygemm), the sparse kernels at threshold 0 ("t=0"), then each sparsity. Ratios are
+against the first row of the run (dense bf16 where it is measured). Each format's fixed cost: the
+intercept of step time against bytes read over its t=0 and sparse rows, divided by the
+projections a step runs.
 """
 import argparse
 import statistics
@@ -17,22 +27,29 @@ from tqdm import tqdm
 
 import generate
 import thresholds
-from checkpoint import atomic_write_text
+from checkpoint import atomic_write_text, quantization_of
 from generate import DTYPES, UsageError, cli
 from model import PROJECTIONS, ModelArgs, Transformer
+from quantize import dense_baseline
 from scripts.common import RESULTS, environment, save_figure, save_json
+from sparse_kernels import quantize
+from sparse_kernels.tuning import copy_bandwidth
+
+WEIGHTS = {"bf16": (None, None), "int8": ("int8", None), "int4": ("int4", 128)}
 
 
-def random_model(name, dtype, device, seed=0):
-    """Weights ~ N(0, 0.02), norms 1: a real shape with no checkpoint."""
+@torch.no_grad()
+def random_model(name, dtype, device, fmt=None, group_size=None, seed=0):
+    """Weights ~ N(0, 0.02), norms 1: a real shape with no checkpoint. Quantized formats take the
+    same float weights (same seed), quantized by round-to-nearest one projection at a time."""
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs.from_name(name), dtype=dtype, device=device)
-    with torch.no_grad():
-        for pname, p in list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if n.endswith("weight.data")]:
-            if pname.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
+    model = Transformer(ModelArgs.from_name(name), dtype=dtype, fmt=fmt, group_size=group_size, device=device)
+    for pname, p in model.named_parameters():
+        p.fill_(1.0) if pname.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    for proj in model.projections():
+        pw = proj.weight
+        W = torch.randn(pw.out_features, pw.in_features, device=device) * 0.02
+        pw.load(quantize(W, fmt, group_size) if fmt else {"weight": W})
     return model.eval()
 
 
@@ -40,22 +57,6 @@ def random_thresholds(model, windows, length, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.config.vocab_size, (windows, length), generator=g)
     return thresholds.calibrate(model, tokens)
-
-
-def copy_bandwidth(device):
-    """Bytes read + written per second by a large device-to-device copy: the practical roofline."""
-    src = torch.empty(1 << 29, dtype=torch.uint8, device=device)  # 512 MiB, far past L2
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(20):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() / statistics.median(times)
 
 
 def time_decode(model, decode, sparse, prompt, new_tokens, runs, device):
@@ -103,18 +104,18 @@ def profile_decode(model, decode, sparse, prompt, steps, device):
                 top_kernels=[dict(name=e.key[:120], us_per_step=us(e) / steps, calls_per_step=e.count / steps) for e in top])
 
 
-def run_variant(model, decode, label, sparsity, table, prompt, args, bandwidth):
-    sparse = sparsity > 0
-    if sparse:
-        model.set_thresholds(table.at(sparsity, args.method))
+def run_variant(model, decode, label, sparse, sparsity, table, prompt, args, bandwidth, read=None):
+    """Time one variant -> its row. sparse with sparsity 0: the sparse kernels at threshold 0.
+    read: the bytes a step reads where the model cannot say (a dense baseline's modules)."""
+    model.set_thresholds(table.at(sparsity, args.method) if sparsity > 0 else torch.zeros(model.config.n_layer, len(PROJECTIONS)))
     t0 = time.perf_counter()
     generate.generate(model, prompt, args.new_tokens, decode, sparse)  # compile and warm up
     generate.sync(args.device)
     warmup_s = time.perf_counter() - t0
     rates = time_decode(model, decode, sparse, prompt, args.new_tokens, args.runs, args.device)
-    measured = measure_sparsity(model, prompt, args.new_tokens) if sparse else torch.zeros(model.config.n_layer, len(PROJECTIONS))
+    measured = measure_sparsity(model, prompt, args.new_tokens) if sparsity > 0 else torch.zeros(model.config.n_layer, len(PROJECTIONS))
     tok_s = statistics.median(rates)
-    read = generate.bytes_per_token(model, measured)
+    read = read or generate.bytes_per_token(model, measured)
     row = dict(variant=label, target_sparsity=sparsity, tok_s=tok_s, tok_s_runs=rates, ms_per_token=1e3 / tok_s,
                measured_sparsity=thresholds.model_wide(measured, model.projection_sizes()),
                measured_per_projection=dict(zip(PROJECTIONS, measured.mean(0).tolist())),
@@ -127,14 +128,28 @@ def run_variant(model, decode, label, sparsity, table, prompt, args, bandwidth):
     return row
 
 
+def fixed_cost(rows, projections):
+    """Least squares ms/token = a + bytes / b over a format's kernel rows -> (a, in us per projection
+    a step runs, and b in GB/s)."""
+    xs, ys = [r["bytes_per_token"] for r in rows], [r["ms_per_token"] for r in rows]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((v - mx) ** 2 for v in xs)
+    slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / sxx if sxx else 0.0
+    return dict(fixed_us_per_projection=(my - slope * mx) * 1e3 / projections, fitted_GBps=1e-6 / slope if slope > 0 else None)
+
+
 def markdown(result):
-    lines = ["| variant | target | measured sparsity | tok/s | ms/token | vs dense | GB/s read | of ceiling |", "|---|---|---|---|---|---|---|---|"]
-    dense = next((r["tok_s"] for r in result["rows"] if r["variant"] == "dense"), None)
+    first = result["rows"][0]
+    lines = [f"Ratios against {first['variant']} in the same run.", "",
+             "| variant | target | measured sparsity | tok/s | ms/token | vs first | GB/s read | of ceiling |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        ratio = f"{r['tok_s'] / dense:.2f}x" if dense else "-"
         ceiling = f"{r['fraction_of_ceiling']:.0%}" if "fraction_of_ceiling" in r else "-"
         lines.append(f"| {r['variant']} | {r['target_sparsity']:.2f} | {r['measured_sparsity']:.3f} | {r['tok_s']:.1f} | "
-                     f"{r['ms_per_token']:.2f} | {ratio} | {r['effective_GBps']:.0f} | {ceiling} |")
+                     f"{r['ms_per_token']:.2f} | {r['tok_s'] / first['tok_s']:.2f}x | {r['effective_GBps']:.0f} | {ceiling} |")
+    if result.get("fixed_costs"):
+        lines += ["", "| format | fixed cost a projection (us) | fitted GB/s |", "|---|---|---|"]
+        lines += [f"| {f} | {c['fixed_us_per_projection']:.2f} | {c['fitted_GBps'] or 0:.0f} |" for f, c in result["fixed_costs"].items()]
     for r in result["rows"]:
         if "profile" in r:
             f = r["profile"]
@@ -151,18 +166,19 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["variant"] != "dense"]
-    dense = next(r for r in result["rows"] if r["variant"] == "dense")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot([r["measured_sparsity"] for r in rows], [r["tok_s"] for r in rows], "o-", label="TEAL sparse decode")
-    ax.axhline(dense["tok_s"], color="gray", ls="--", label=f"dense ({dense['tok_s']:.0f} tok/s)")
-    if "ceiling_tok_s" in dense:
-        xs = [0.0] + [r["measured_sparsity"] for r in rows]
-        ax.plot(xs, [dense["ceiling_tok_s"]] + [r["ceiling_tok_s"] for r in rows], ":", color="red", label="copy-bandwidth ceiling")
+    for i, fmt in enumerate(dict.fromkeys(r["format"] for r in result["rows"])):
+        rows = [r for r in result["rows"] if r["format"] == fmt and r["kind"] == "kernel"]
+        ax.plot([r["measured_sparsity"] for r in rows], [r["tok_s"] for r in rows], "o-", color=f"C{i}", label=f"{fmt} sparse kernels")
+        for r in result["rows"]:
+            if r["format"] == fmt and r["kind"] == "dense":
+                ax.axhline(r["tok_s"], color=f"C{i}", ls="--", lw=1, label=f"{r['variant']} ({r['tok_s']:.0f} tok/s)")
+        if rows and "ceiling_tok_s" in rows[0]:
+            ax.plot([r["measured_sparsity"] for r in rows], [r["ceiling_tok_s"] for r in rows], ":", color=f"C{i}", lw=1)
     ax.set_xlabel("measured activation sparsity")
     ax.set_ylabel("tokens / s (batch 1)")
-    ax.set_title(f"{result['model']} {result['dtype']} on {result['device_name']}")
-    ax.legend()
+    ax.set_title(f"{result['model']} on {result['device_name']} (dotted: copy-bandwidth ceiling)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(path, fig)
 
@@ -172,7 +188,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="llama-3-8b", help="config name for a random-weight model")
     p.add_argument("--checkpoint", help="benchmark a real checkpoint with its thresholds file instead")
     p.add_argument("--sparsities", default="0.25,0.4,0.5,0.6")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="activations (and float weights)")
+    p.add_argument("--weights", nargs="+", default=["bf16"], help="weight formats to build the random model in: bf16 int8 int4")
+    p.add_argument("--group-size", type=int, default=128, help="int4's group size")
     p.add_argument("--method", choices=("greedy", "uniform"), default="greedy",
                    help="per-projection sparsities where the thresholds file has greedy rows (a random model's has none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -187,37 +205,84 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def formats_of(args):
+    """--weights -> [(label, fmt, group size)]."""
+    out = []
+    for w in args.weights:
+        if w not in WEIGHTS:
+            raise UsageError(f"--weights takes bf16, int8 and int4, got {w!r}")
+        fmt, group = WEIGHTS[w]
+        out.append((w if fmt != "int4" else f"int4-g{args.group_size}", fmt, args.group_size if fmt == "int4" else None))
+    return out
+
+
+def run_format(model, label, table, prompt, args, bandwidth, result, stem):
+    """Dense baseline first (plain torch: the model's matmuls for bf16), then the sparse kernels at
+    t = 0 and every sparsity; each row saved as it comes."""
+    fmt = model.projections()[0].weight.fmt
+    decode = generate.decode_one_token if args.no_compile else generate.compile_decode()
+    kernel_rows = []
+    read = generate.bytes_per_token(model, torch.zeros(model.config.n_layer, len(PROJECTIONS)))
+    variants = [(f"{label} t=0 (sparse kernels)", True, 0.0)] + [(f"{label} sparse {s:g}", True, s) for s in args.sparsities]
+    if fmt not in ("int8", "int4"):
+        variants.insert(0, (f"{label} dense (torch)", False, 0.0))
+    for name, sparse, s in tqdm(variants, desc=label, unit="variant"):
+        row = run_variant(model, decode, name, sparse, s, table, prompt, args, bandwidth)
+        row.update(format=label, kind="kernel" if sparse else "dense")
+        result["rows"].append(row)
+        kernel_rows += [row] if sparse else []
+        save_json(stem.with_suffix(".json"), result)
+    result.setdefault("fixed_costs", {})[label] = fixed_cost(kernel_rows, 4 * model.config.n_layer)
+    save_json(stem.with_suffix(".json"), result)
+    if fmt in ("int8", "int4") and args.device.startswith("cuda"):
+        torch._dynamo.reset()  # new modules: compile afresh rather than pile guards on the old graphs
+        baseline = {"int8": "gpt-fast int8 linear", "int4": "tinygemm int4"}[fmt]
+        row = run_variant(dense_baseline(model), generate.compile_decode(), f"{label} dense ({baseline})", False, 0.0, table,
+                          prompt, args, bandwidth, read=read)
+        row.update(format=label, kind="dense")
+        result["rows"].append(row)
+        save_json(stem.with_suffix(".json"), result)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    sparsities = [float(s) for s in args.sparsities.split(",") if s]
-    if any(not 0 < s < 1 for s in sparsities):
+    try:
+        args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
+    except ValueError:
+        raise UsageError(f"--sparsities expects comma-separated numbers, got {args.sparsities!r}") from None
+    if any(not 0 < s < 1 for s in args.sparsities):
         raise UsageError(f"--sparsities must lie in (0, 1), got {args.sparsities}")
     device = generate.resolve_device(args.device)
     dtype = DTYPES[args.dtype]
-
-    if args.checkpoint:
-        model, meta, _, ckpt = generate.load_model(args.checkpoint, device, dtype)
-        name = meta.get("name", ckpt.parent.name)
-        table, _ = generate.find_table(meta, ckpt, config=model.config)
-    else:
-        name = args.model
-        model = random_model(name, dtype, device)
-        table = random_thresholds(model, args.calibration_windows, args.calibration_length)
-    model.setup_caches(1, args.prompt_tokens + max(args.new_tokens, args.profile_steps + 1))
-    prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), dtype=torch.int, device=device)
-
-    decode = generate.decode_one_token if args.no_compile else generate.compile_decode()
     bandwidth = copy_bandwidth(device) if device.startswith("cuda") else None
-    result = dict(model=name, dtype=args.dtype, **environment(device, "benchmark_decode", argv),
-                  method=args.method if table.greedy is not None else "uniform",
+    result = dict(model=args.checkpoint or args.model, dtype=args.dtype, **environment(device, "benchmark_decode", argv),
                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                   copy_bandwidth_GBps=bandwidth / 1e9 if bandwidth else None, rows=[])
-    stem = Path(args.out) if args.out else RESULTS / f"decode_{name}_{args.dtype}"
-    variants = [("dense", 0.0)] + [(f"sparse {s:g}", s) for s in sparsities]
-    for label, s in tqdm(variants, desc="variants", unit="variant"):
-        result["rows"].append(run_variant(model, decode, label, s, table, prompt, args, bandwidth))
-        # Written after every variant: an interrupted run keeps what it finished.
-        save_json(stem.with_suffix(".json"), result)
+    cache_len = args.prompt_tokens + max(args.new_tokens, args.profile_steps + 1)
+    if args.checkpoint:
+        model, meta, _, ckpt = generate.load_model(args.checkpoint, device, dtype)
+        result["model"] = meta.get("name", ckpt.parent.name)
+        table, _ = generate.find_table(meta, ckpt, config=model.config)
+        runs = [((quantization_of(meta) or {}).get("mode") or args.dtype, lambda m=model, t=table: (m, t))]
+    else:
+        runs = []
+        for label, fmt, group in formats_of(args):
+            def build(fmt=fmt, group=group):
+                m = random_model(args.model, dtype, device, fmt, group)
+                return m, random_thresholds(m, args.calibration_windows, args.calibration_length)
+            runs.append((label, build))
+    stem = Path(args.out) if args.out else RESULTS / f"decode_{result['model']}_{'_'.join(label for label, _ in runs)}"
+    for label, build in runs:
+        model, table = build()
+        result["method"] = args.method if table.greedy is not None else "uniform"
+        model.setup_caches(1, cache_len)
+        prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), dtype=torch.int, device=device,
+                               generator=torch.Generator(device).manual_seed(1))
+        run_format(model, label, table, prompt, args, bandwidth, result, stem)
+        del model
+        torch._dynamo.reset()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     atomic_write_text(stem.with_suffix(".md"), markdown(result))
     plot(result, stem.with_suffix(".png"))
     print(markdown(result))

@@ -70,6 +70,11 @@ def environment(device, script, argv=None):
                 device=device, device_name=name, torch=torch.__version__, triton=triton_version, python=platform.python_version())
 
 
+def gpu_tag(device):
+    """A GPU's short name for results files: "NVIDIA H200" -> h200."""
+    return torch.cuda.get_device_name(device).lower().removeprefix("nvidia ").split()[0]
+
+
 def save_json(path, doc):
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 

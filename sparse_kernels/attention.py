@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparse_kernels.gemv import _sm_count, workspace
+from sparse_kernels.workspace import sm_count, workspace
 
 # Measured on an H100 (bf16, one CUDA graph) when a program held one q head: 64-position tiles beat
 # 32 by 1.2x-2x from S = 1024 to 8192. ptxas for sm_90a (16 rows, D = 128), no spills anywhere:
@@ -205,7 +205,7 @@ def split_plan(kv_heads, S, device):
     """-> n_splits, the grid's splits: about PROGRAMS_PER_SM programs an SM over all (sequence, kv
     head) pairs (kv_heads = B * n_kv_head), at most one a tile of the cache. Depends on no
     position, so one graph serves them all; the fewer kv heads, the more splits."""
-    want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), kv_heads)
+    want = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), kv_heads)
     return max(1, min(want, triton.cdiv(S, BLOCK_T), MAX_SPLITS))
 
 

@@ -12,22 +12,33 @@ no second pass over memory, no atomics on y. For a decode step the same launch c
 (RMSNorm of the residual stream, once per program, before the loop), add a residual to y (the last
 arriver) and count the active channels (one atomic per program of a segment's first block).
 
+The weight format is a parameter (WFMT, packed.py documents the layouts), dequantized in registers:
+float tiles as they are; int8 tiles as integers, their column's scale applied once to the program's
+sum; int4 tiles of one group (a program's rows start on a group and a tile never straddles two), so
+the tile's (q - zero) * scale takes one row of scales and zeros. Products and sums are fp32.
+
 Imported only when a call runs on Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 so that TRITON_INTERPRET is read at first use rather than at `import sparse_kernels`.
 """
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
+from sparse_kernels.configs import Config, choose_config
+from sparse_kernels.packed import segment_bytes
+from sparse_kernels.workspace import sm_count, workspace
+
 MAX_SEGMENTS = 3  # q, k, v
 MAX_ROWS = 16  # rows of x one launch handles; ops.py sends more to a masked dense matmul
+COMPACT_BLOCK = 1024  # the most rows one program compacts, in one pass
+REGISTERS_PER_SM = 65536  # sm_70 to sm_100
+FLOAT, INT8, INT4 = 0, 1, 2  # WFMT
 
 
 @triton.jit
 def _block_columns(pid_n, N, split1, split2, BLOCK_N: tl.constexpr):
-    """Output block pid_n -> (segment, first column, end column, the segment's first block).
+    """Output block pid_n -> (segment, first column, end column, the segment's first column, the
+    segment's first block).
 
     Segment s spans columns [c_s, c_s+1) with c = (0, split1, split2, N) and owns
     cdiv(c_s+1 - c_s, BLOCK_N) blocks, numbered after those of segment s - 1: no block straddles
@@ -36,11 +47,10 @@ def _block_columns(pid_n, N, split1, split2, BLOCK_N: tl.constexpr):
     nb0 = tl.cdiv(split1, BLOCK_N)
     nb01 = nb0 + tl.cdiv(split2 - split1, BLOCK_N)
     seg = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb01).to(tl.int32)
-    start = tl.where(seg == 0, pid_n * BLOCK_N,
-                     tl.where(seg == 1, split1 + (pid_n - nb0) * BLOCK_N, split2 + (pid_n - nb01) * BLOCK_N))
-    end = tl.where(seg == 0, split1, tl.where(seg == 1, split2, N))
+    seg_start = tl.where(seg == 0, 0, tl.where(seg == 1, split1, split2))
     first = tl.where(seg == 0, 0, tl.where(seg == 1, nb0, nb01))
-    return seg, start, end, first
+    end = tl.where(seg == 0, split1, tl.where(seg == 1, split2, N))
+    return seg, seg_start + (pid_n - first) * BLOCK_N, end, seg_start, first
 
 
 @triton.jit
@@ -64,6 +74,49 @@ def _load_input(x_ptr, g_ptr, rows, ok, K, eps, PROLOGUE: tl.constexpr, NORM_BLO
 
 
 @triton.jit
+def _load_weights(w_ptr, rows, cols, byte_cols, row_ok, col_ok, byte_ok, N, NB, WFMT: tl.constexpr, EVEN_N: tl.constexpr):
+    """The weight rows `rows` ([BLOCK_K]) at columns `cols` ([BLOCK_N]) as stored: [BLOCK_K, BLOCK_N]
+    (float, int8), or int4's bytes [BLOCK_K, BLOCK_N // 2] (byte_cols, of NB a row). Rows not row_ok
+    are never read. Held so, not as fp32, while in flight: half the registers (a quarter for int8)."""
+    if WFMT == 2:
+        if EVEN_N:
+            ok = row_ok[:, None]  # a mask constant along a row keeps the loads wide
+        else:
+            ok = row_ok[:, None] & byte_ok[None, :]
+        return tl.load(w_ptr + rows[:, None] * NB + byte_cols[None, :], mask=ok, other=0)
+    if EVEN_N:
+        ok = row_ok[:, None]
+    else:
+        ok = row_ok[:, None] & col_ok[None, :]
+    return tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0)
+
+
+@triton.jit
+def _load_group(s_ptr, z_ptr, group, cols, row_ok, col_ok, N, WFMT: tl.constexpr, ROW_GROUPS: tl.constexpr):
+    """int4: (scale, zero) in fp32 of group `group`: a scalar (one row of scales and zeros, [1, BLOCK_N])
+    or, with ROW_GROUPS, [BLOCK_K] (one a row, [BLOCK_K, BLOCK_N]). Other formats: unused zeros."""
+    if WFMT == 2:
+        if ROW_GROUPS:
+            ok = row_ok[:, None] & col_ok[None, :]
+            offs = group[:, None] * N + cols[None, :]
+        else:
+            ok = col_ok[None, :]
+            offs = group * N + cols[None, :]
+        return tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32), tl.load(z_ptr + offs, mask=ok, other=0).to(tl.float32)
+    return 0.0, 0.0
+
+
+@triton.jit
+def _dequantize(w, s, z, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WFMT: tl.constexpr):
+    """A stored tile -> fp32 [BLOCK_K, BLOCK_N]: float and int8 as they are (int8's scale comes
+    after the sum), int4 (q - zero) * scale, column 2i being byte i's low nibble."""
+    if WFMT == 2:
+        q = tl.join(w & 15, w >> 4).reshape(BLOCK_K, BLOCK_N)
+        return (q.to(tl.float32) - z) * s
+    return w.to(tl.float32)
+
+
+@triton.jit
 def _output(y, res_ptr, offs, ok, y_ptr, HAS_RESIDUAL: tl.constexpr):
     """fp32 sums -> y_ptr's dtype; with a residual, res + y rounded as two dtype tensors add."""
     dtype = y_ptr.dtype.element_ty
@@ -74,18 +127,21 @@ def _output(y, res_ptr, offs, ok, y_ptr, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def _sparse_gemv_kernel(
-    x_ptr, w_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr, kept_ptr,
-    M, K, N, split1, split2, rows_per_split, eps,
+def sparse_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr, kept_ptr,
+    M, K, N, NB, split1, split2, byte1, byte2, rows_per_split, eps,
     stride_xm, stride_ym, stride_t,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
     COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
     PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
+    WFMT: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
     pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
-    on the union of the rows' active channels).
+    on the union of the rows' active channels). W: w_ptr, and for int8 its scales s_ptr [N], for
+    int4 its scales s_ptr and zeros z_ptr [K / GROUP, N]; NB: w_ptr's row length (int4: bytes,
+    segment s starting at byte (0, byte1, byte2)[s]; else N).
 
     BLOCK_M = 1 only: PROLOGUE makes the input from x inside the loads (_load_input), and COUNT
     adds the number of active channels of each segment into kept_ptr (int64 [n_segments]): the
@@ -95,10 +151,14 @@ def _sparse_gemv_kernel(
     pid_k = tl.program_id(1)
     n_blocks = tl.num_programs(0)
     split_k = tl.num_programs(1)
-    seg, col_start, col_end, first_block = _block_columns(pid_n, N, split1, split2, BLOCK_N)
+    seg, col_start, col_end, seg_start, first_block = _block_columns(pid_n, N, split1, split2, BLOCK_N)
     t = tl.load(t_ptr + seg * stride_t)
     cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < col_end
+    # int4: byte i of this block's columns holds columns 2i and 2i + 1 (blocks start even in a segment).
+    local_bytes = (col_start - seg_start) // 2 + tl.arange(0, BLOCK_N // 2)  # [BLOCK_N // 2]
+    byte_cols = tl.where(seg == 0, 0, tl.where(seg == 1, byte1, byte2)) + local_bytes
+    byte_ok = local_bytes < (col_end - seg_start + 1) // 2
     ms = tl.arange(0, BLOCK_M)  # [BLOCK_M]
     row_start = pid_k * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, K)
@@ -118,31 +178,26 @@ def _sparse_gemv_kernel(
         kept = n_active
         tl.debug_barrier()  # phase 2's threads read slots that other threads wrote
         # Phase 2: BLOCK_K active rows a tile. Weights run one tile ahead of the sum, indices two,
-        # so a tile's rows are in flight while the previous tile is summed.
+        # so a tile's rows are in flight while the previous tile is summed. Active rows come from
+        # any group: int4 reads a row of scales and zeros a row (cached: neighbours share groups).
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         idx = tl.load(index_ptr + scratch + ks, mask=ks < n_active, other=0)
         val = tl.load(value_ptr + scratch + ks, mask=ks < n_active, other=0.0)
-        if EVEN_N:
-            w_mask = (ks < n_active)[:, None]
-        else:
-            w_mask = (ks < n_active)[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + idx[:, None] * N + cols[None, :], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        w = _load_weights(w_ptr, idx, cols, byte_cols, ks < n_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
+        s, z = _load_group(s_ptr, z_ptr, idx // GROUP, cols, ks < n_active, col_ok, N, WFMT, True)
         nk = BLOCK_K + ks
         idx_next = tl.load(index_ptr + scratch + nk, mask=nk < n_active, other=0)
         val_next = tl.load(value_ptr + scratch + nk, mask=nk < n_active, other=0.0)
         for j in range(0, n_active, BLOCK_K):
             nk = j + BLOCK_K + ks  # [BLOCK_K] slots of the next tile
-            if EVEN_N:
-                w_mask = (nk < n_active)[:, None]
-            else:
-                w_mask = (nk < n_active)[:, None] & col_ok[None, :]
-            w_next = tl.load(w_ptr + idx_next[:, None] * N + cols[None, :], mask=w_mask, other=0.0)
+            w_next = _load_weights(w_ptr, idx_next, cols, byte_cols, nk < n_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
+            s_next, z_next = _load_group(s_ptr, z_ptr, idx_next // GROUP, cols, nk < n_active, col_ok, N, WFMT, True)
             nnk = nk + BLOCK_K
             idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_active, other=0)
             val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_active, other=0.0)
-            acc += val[:, None] * w.to(tl.float32)
-            w, val, idx_next, val_next = w_next, val_next, idx_after, val_after
+            acc += val[:, None] * _dequantize(w, s, z, BLOCK_K, BLOCK_N, WFMT)
+            w, s, z, val, idx_next, val_next = w_next, s_next, z_next, val_next, idx_after, val_after
         part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
     elif BLOCK_M == 1:
         if PROLOGUE != 0:
@@ -157,30 +212,23 @@ def _sparse_gemv_kernel(
         else:
             src = x_ptr
         # Weights run one tile ahead of the sum: a tile's active rows are in flight while the
-        # previous tile is summed.
+        # previous tile is summed. A tile lies in one int4 group: rows_per_split and BLOCK_K divide by it.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
         rows = row_start + ks
         x = tl.load(src + rows, mask=rows < row_end, other=0.0).to(tl.float32)
         active = (tl.abs(x) > t) & (rows < row_end)
-        if EVEN_N:
-            # No column mask: a mask constant along a row keeps the loads 16 bytes wide.
-            w_mask = active[:, None]
-        else:
-            w_mask = active[:, None] & col_ok[None, :]
-        w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        w = _load_weights(w_ptr, rows, cols, byte_cols, active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
+        s, z = _load_group(s_ptr, z_ptr, row_start // GROUP, cols, active, col_ok, N, WFMT, False)
         for k in range(row_start, row_end, BLOCK_K):
             rows_next = k + BLOCK_K + ks  # [BLOCK_K]
             x_next = tl.load(src + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
             active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
-            if EVEN_N:
-                w_mask = active_next[:, None]
-            else:
-                w_mask = active_next[:, None] & col_ok[None, :]
-            w_next = tl.load(w_ptr + rows_next[:, None] * N + cols[None, :], mask=w_mask, other=0.0)
+            w_next = _load_weights(w_ptr, rows_next, cols, byte_cols, active_next, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
+            s_next, z_next = _load_group(s_ptr, z_ptr, (k + BLOCK_K) // GROUP, cols, active_next, col_ok, N, WFMT, False)
             # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
-            acc += tl.where(active, x, 0.0)[:, None] * w.to(tl.float32)
-            x, active, w = x_next, active_next, w_next
+            acc += tl.where(active, x, 0.0)[:, None] * _dequantize(w, s, z, BLOCK_K, BLOCK_N, WFMT)
+            x, active, w, s, z = x_next, active_next, w_next, s_next, z_next
         part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
         if COUNT:
             kept = tl.zeros([], dtype=tl.int32)
@@ -199,18 +247,19 @@ def _sparse_gemv_kernel(
             x = tl.load(x_ptr + ms[:, None] * stride_xm + rows[None, :], mask=x_ok, other=0.0)
             active = (tl.abs(x.to(tl.float32)) > t) & x_ok
             any_active = tl.max(active.to(tl.int32), axis=0) > 0  # [BLOCK_K]: union over x's rows
-            if EVEN_N:
-                w_mask = any_active[:, None]
-            else:
-                w_mask = any_active[:, None] & col_ok[None, :]
-            w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+            w = _load_weights(w_ptr, rows, cols, byte_cols, any_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
+            s, z = _load_group(s_ptr, z_ptr, k // GROUP, cols, any_active, col_ok, N, WFMT, False)
             xm = tl.where(active, x, 0.0)
-            if DOT_FP32:
-                acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")  # not tf32
+            if DOT_FP32 or WFMT != 0:
+                # fp32 products: fp32 weights and dequantized ones (rounding them to x's dtype would
+                # change the weight); the interpreter's tl.dot cannot multiply bf16 (numpy has none).
+                acc = tl.dot(xm.to(tl.float32), _dequantize(w, s, z, BLOCK_K, BLOCK_N, WFMT), acc, input_precision="ieee")  # not tf32
             else:
                 acc = tl.dot(xm.to(w.dtype), w, acc)
         part = acc  # [BLOCK_M, BLOCK_N]
 
+    if WFMT == 1:
+        part *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]  # int8: the column's scale, once
     if BLOCK_M == 1 and COUNT:
         if pid_n == first_block:
             tl.atomic_add(kept_ptr + seg, kept.to(tl.int64))
@@ -240,138 +289,124 @@ def _sparse_gemv_kernel(
             tl.store(count_ptr + pid_n, 0)  # reset for the next call and for CUDA-graph replays
 
 
-@dataclass(frozen=True)
-class Config:
-    """One launch shape. split_k = cdiv(K, rows_per_program); rows_per_program is a multiple of
-    block_k. compact: pack the active channels first (wins from ~50% sparsity on, costs 5-20% at 0%
-    where it needs wide blocks), else mask the weight rows of inactive channels in place."""
-    block_n: int
-    block_k: int
-    rows_per_program: int
-    num_warps: int
-    compact: bool
-
-
-# Candidates that tune() measures: (block_n, block_k, num_warps) tiles of 16 or 32 KB of bf16, 64 fp32
-# accumulators a thread, times rows per program, times the two loops.
-TILES = [(256, 32, 4), (256, 64, 8), (128, 64, 4), (512, 32, 8), (512, 16, 4), (1024, 16, 8)]
-ROWS_PER_PROGRAM = [128, 256, 512, 1024]
-COMPACT_BLOCK = 1024  # the most rows one program compacts, in one pass
-REGISTERS_PER_SM = 65536  # sm_70 to sm_100
-CANDIDATES = [Config(n, k, r, w, c) for n, k, w in TILES for r in ROWS_PER_PROGRAM for c in (True, False)]
-
-# Chosen by scripts/benchmark_gemv.py (tune() at 0% and 50% sparsity, bf16) on an H100 80GB HBM3,
-# 2026-11-23, keyed by (in_features, splits). The same config serves every sparsity, so more
-# sparsity only ever removes loads: the kernel stays monotone in sparsity.
-TUNED = {
-    (4096, (4096, 4096, 4096)): Config(512, 16, 256, 4, False),  # llama-2-7b qkv
-    (4096, (4096,)): Config(128, 64, 512, 4, False),  # llama-2-7b o, llama-3-8b o
-    (4096, (11008, 11008)): Config(512, 16, 512, 4, False),  # llama-2-7b gate_up
-    (11008, (4096,)): Config(128, 64, 1024, 4, False),  # llama-2-7b down
-    (4096, (11008,)): Config(128, 64, 1024, 4, False),  # llama-2-7b gate
-    (4096, (4096, 1024, 1024)): Config(128, 64, 512, 4, False),  # llama-3-8b qkv
-    (4096, (14336, 14336)): Config(1024, 16, 1024, 8, True),  # llama-3-8b gate_up
-    (14336, (4096,)): Config(128, 64, 1024, 4, False),  # llama-3-8b down
-    (4096, (14336,)): Config(128, 64, 1024, 4, False),  # llama-3-8b gate
-    (8192, (8192, 1024, 1024)): Config(512, 16, 512, 4, False),  # llama-70b qkv
-    (8192, (8192,)): Config(128, 64, 1024, 4, False),  # llama-70b o
-    (8192, (28672, 28672)): Config(128, 64, 1024, 4, False),  # llama-70b gate_up
-    (28672, (8192,)): Config(128, 64, 1024, 4, False),  # llama-70b down
-    (8192, (28672,)): Config(1024, 16, 1024, 8, True),  # llama-70b gate
-}
-
-_tuned_here = {}  # tune() results of this process: (K, splits, dtype, BLOCK_M, device) -> Config
-tune_log = []  # every (key, config, microseconds) tune() measured, for the benchmark's record
-
-
-def _sm_count(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter runs programs one by one: few, but still more than one split
-
-
 def register_cap(n_programs, num_warps, sms):
     """The most registers a thread may take for all n_programs to be resident at once, or None
     where that needs no cap (or cannot be had). The tuned grids are one wave of the plain masked
-    loop (128 registers a thread at 4 warps); its fused forms (norm, residual, count) made ptxas
-    take 168, one program an SM fewer, and then a second wave: down's 448 programs in 396 places,
-    +10 us a call. Capped, they fit in 128 (the norm's prologue spills a few bytes)."""
+    loop (128 registers a thread at 4 warps); its fused forms (norm, residual, count) take more,
+    one program an SM fewer, and then a second wave of programs. Capped, they fit in 128."""
     per_sm = triton.cdiv(n_programs, sms)
     cap = REGISTERS_PER_SM // (per_sm * 32 * num_warps) // 8 * 8  # allocated 8 a thread at a time
     return cap if 128 <= cap < 255 else None
 
 
-def default_config(K, splits, device):
-    """Without a tuned entry: the masked loop on 128-wide blocks (the best dense-to-50% choice for
-    most tuned shapes) and enough split-K programs to fill each SM 3 deep."""
-    block_n = min(128, max(16, triton.next_power_of_2(max(splits))))
-    block_k = 64
-    n_blocks = sum(triton.cdiv(w, block_n) for w in splits)
-    split_k = max(1, min(triton.cdiv(3 * _sm_count(device), n_blocks), triton.cdiv(K, block_k)))
-    rows = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    return Config(block_n, block_k, rows, 4, False)
+def weight_format(data, scales, zeros, group_size):
+    """-> (WFMT, group size) from the tensors: a float data, int8 with scales, uint8 (int4) with
+    scales, zeros and a group size."""
+    if data.dtype == torch.int8:
+        if scales is None or scales.dtype != torch.float32:
+            raise ValueError("int8 weights need fp32 scales [N]")
+        return INT8, 1
+    if data.dtype == torch.uint8:
+        if scales is None or zeros is None or not group_size:
+            raise ValueError("int4 weights need scales, zeros and a group size")
+        return INT4, group_size
+    return FLOAT, 1
 
 
-def choose_config(K, splits, dtype, block_m, device):
-    key = (K, tuple(splits), dtype, block_m, str(device))
-    return _tuned_here.get(key) or TUNED.get((K, tuple(splits))) or default_config(K, splits, device)
+def fit(cfg, wfmt, group, K):
+    """A config as the weight format takes it: int4 tiles within a group (block_k <= group) and
+    ranges of whole groups (rows_per_program a multiple of group, at least one)."""
+    if wfmt != INT4:
+        return cfg
+    block_k = min(cfg.block_k, group)
+    rows = max(group, triton.cdiv(cfg.rows_per_program, group) * group)
+    return Config(cfg.block_n, block_k, rows, cfg.num_warps, cfg.compact)
 
 
-class _Workspace:
-    """Scratch shared by every call on one device: fp32 partials, per-block arrival counters, and
-    the compacted active channels (int32 index, fp32 value) of each program.
-
-    Calls on one stream run one after another and each leaves its counters at zero, so one
-    workspace serves them all. Buffers only grow, and outside CUDA-graph capture; a replaced
-    buffer is kept alive because a captured graph may still point at it.
-    """
-
-    KINDS = {"partials": torch.float32, "counters": torch.int32, "index": torch.int32, "value": torch.float32}
-
-    def __init__(self):
-        self.buffers = {}
-        self.retired = []
-
-    def get(self, device, **sizes):
-        """sizes: elements needed per kind -> the buffers, in KINDS order."""
-        have = self.buffers.setdefault(device, {})
-        for kind, n in sizes.items():
-            old = have.get(kind)
-            if old is not None and old.numel() >= n:
-                continue
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("sparse_linear needs a larger workspace during CUDA-graph capture: "
-                                   "call it once with this shape before capturing (sparse_kernels.warm_up)")
-            if old is not None:
-                self.retired.append(old)
-                n = max(n, 2 * old.numel())
-            have[kind] = torch.zeros(max(n, 1 << 12), dtype=self.KINDS[kind], device=device)
-        return [have[kind] for kind in self.KINDS if kind in sizes]
+_plans = {}  # (everything a launch depends on but the tensors' values) -> Plan
 
 
-workspace = _Workspace()
+def clear_plans():
+    """Forget the launch plans (after a change of the config a shape gets)."""
+    _plans.clear()
 
 
-def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=None, eps=0.0, swiglu=False,
-                residual=None, kept=None):
-    """x: [M, K] (M <= MAX_ROWS); data: [K, N] weight; thresholds: fp32 [n_segments] (any stride);
-    splits: segment widths summing to N. Returns y: [M, N] in x's dtype (written into out if given).
+class Plan:
+    """One launch shape worked out once: grid, scalars, constexprs, workspace buffers. A repeated
+    call with the same shapes only looks it up, so an eager call costs little more than the launch."""
 
-    Fused around the product (ops.sparse_linear documents them): norm_weight (the input is
-    RMSNorm(x) * norm_weight, eps) or swiglu (x: [1, 2K] = [gate | up], the input is silu(gate) * up),
-    and kept (int64 [n_segments], += active channels), for M = 1 only; residual ([M, N]) for any M."""
+    def __init__(self, x, data, thresholds, splits, cfg, prologue, residual, kept, wfmt, group):
+        M = x.shape[0]
+        self.K = K = x.shape[1] // 2 if prologue == 2 else x.shape[1]
+        self.N = N = sum(splits)
+        block_m = 1 if M == 1 else 16  # tl.dot wants at least 16 rows
+        cfg = fit(cfg or choose_config(K, splits, ("float", "int8", "int4")[wfmt], gpu_name(x.device), sm_count(x.device)),
+                  wfmt, group, K)
+        rows = cfg.rows_per_program
+        if block_m > 1:
+            # Fewer, longer splits: the reduction reads 16 rows of partials per split.
+            rows = max(rows, triton.cdiv(triton.cdiv(K, 8), cfg.block_k) * cfg.block_k)
+            rows = fit(Config(cfg.block_n, cfg.block_k, rows, cfg.num_warps, cfg.compact), wfmt, group, K).rows_per_program
+        if prologue:
+            rows = min(rows, COMPACT_BLOCK)  # the prologue runs over a program's rows in one pass
+        self.rows = rows
+        split_k = triton.cdiv(K, rows)
+        n_blocks = sum(triton.cdiv(w, cfg.block_n) for w in splits)
+        bounds = [sum(splits[:i]) for i in range(1, MAX_SEGMENTS)] + [N] * (MAX_SEGMENTS - len(splits))
+        starts, total_bytes = segment_bytes(splits)
+        byte_bounds = starts[1:] + [total_bytes] * (MAX_SEGMENTS - len(splits))
+        self.scalars = (N, total_bytes if wfmt == INT4 else N, bounds[0], bounds[1], byte_bounds[0], byte_bounds[1], rows)
+        compact = cfg.compact and block_m == 1 and rows <= COMPACT_BLOCK
+        # Scratch: compacted channels, or the prologue's inputs; a slot per row a program owns. Sized
+        # for whichever form a one-row call takes (rows <= COMPACT_BLOCK there), so that warming up
+        # the plain call sizes it for the fused ones too: none may grow it inside a CUDA graph.
+        slots = n_blocks * (K + COMPACT_BLOCK) if block_m == 1 else 1
+        self.sizes = dict(partials=split_k * n_blocks * block_m * cfg.block_n, counters=n_blocks, index=slots, value=slots)
+        self.buffers, self.generation = workspace.get(x.device, **self.sizes), workspace.generation
+        self.grid = (n_blocks, split_k)
+        fused = prologue or residual is not None or kept is not None
+        # The plain form keeps the registers its config was tuned with (the compact loop needs ~200).
+        cap = register_cap(n_blocks * split_k, cfg.num_warps, sm_count(x.device)) if x.device.type == "cuda" and fused and not compact else None
+        self.meta = dict(
+            BLOCK_M=block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+            REDUCE_SPLITS=max(1, 16 // block_m), EVEN_N=all(w % cfg.block_n == 0 for w in splits),
+            # fp32 weights need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
+            DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
+            COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
+            PROLOGUE=prologue, NORM_BLOCK=triton.next_power_of_2(K) if prologue == 1 else 1,
+            HAS_RESIDUAL=residual is not None, COUNT=kept is not None, WFMT=wfmt, GROUP=group,
+            num_warps=cfg.num_warps, **({} if cap is None else {"maxnreg": cap}))
+
+    def workspace(self, device):
+        if self.generation != workspace.generation:  # another call grew a buffer: take the new ones
+            self.buffers, self.generation = workspace.get(device, **self.sizes), workspace.generation
+        return self.buffers
+
+
+def gpu_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def check(x, data, thresholds, splits, norm_weight, swiglu, residual, kept, scales, zeros, group_size):
+    """The launcher's argument checks, made once per launch shape (the plan's key holds what they see)."""
     if norm_weight is not None and swiglu:
         raise ValueError("norm_weight and swiglu exclude each other: one prologue a launch")
     prologue = 1 if norm_weight is not None else 2 if swiglu else 0
+    wfmt, group = weight_format(data, scales, zeros, group_size)
     M = x.shape[0]
     K = x.shape[1] // 2 if swiglu else x.shape[1]  # the weight's in_features
-    N = data.shape[1]
-    if (data.shape[0] != K or x.shape[1] != (2 * K if swiglu else K) or not data.is_contiguous()
+    N = sum(splits)
+    width = segment_bytes(splits)[1] if wfmt == INT4 else N
+    if (data.shape != (K, width) or x.shape[1] != (2 * K if swiglu else K) or not data.is_contiguous()
             or x.stride(1) != 1 or (prologue and not x.is_contiguous())):
-        raise ValueError(f"x {tuple(x.shape)} (inner stride 1) and a contiguous [K, N] weight expected, got {tuple(data.shape)}")
-    if x.dtype != data.dtype:
+        raise ValueError(f"x {tuple(x.shape)} (inner stride 1) and a contiguous [K, {width}] weight expected, got {tuple(data.shape)}")
+    if wfmt == FLOAT and x.dtype != data.dtype:
         raise ValueError(f"x is {x.dtype}, the weight {data.dtype}: the kernel computes in the weight's dtype")
-    if not 1 <= M <= MAX_ROWS or not 1 <= len(splits) <= MAX_SEGMENTS or sum(splits) != N:
+    if wfmt == INT8 and scales.shape != (N,):
+        raise ValueError(f"int8 scales must be [{N}]")
+    if wfmt == INT4 and (scales.shape != (triton.cdiv(K, group), N) or zeros.shape != scales.shape or group & (group - 1)):
+        raise ValueError(f"int4 scales and zeros must be [{triton.cdiv(K, group)}, {N}], the group size a power of two")
+    if not 1 <= M <= MAX_ROWS or not 1 <= len(splits) <= MAX_SEGMENTS:
         raise ValueError(f"{M} rows (1..{MAX_ROWS}) and splits {splits} (1..{MAX_SEGMENTS} segments summing to {N})")
     if K * N >= 2**31:
         raise ValueError("weights of 2**31 elements or more need 64-bit offsets")
@@ -385,106 +420,33 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
         raise ValueError(f"residual must be a contiguous [{M}, {N}] {x.dtype} tensor")
     if kept is not None and (kept.shape != (len(splits),) or kept.dtype != torch.int64):
         raise ValueError(f"kept must be int64 [{len(splits)}]")
-    block_m = 1 if M == 1 else 16  # tl.dot wants at least 16 rows
-    cfg = config or choose_config(K, splits, data.dtype, block_m, x.device)
-    rows = cfg.rows_per_program
-    if block_m > 1:
-        # Fewer, longer splits: the reduction reads 16 rows of partials per split.
-        rows = max(rows, triton.cdiv(triton.cdiv(K, 8), cfg.block_k) * cfg.block_k)
-    if prologue:
-        rows = min(rows, COMPACT_BLOCK)  # the prologue runs over a program's rows in one pass
-    split_k = triton.cdiv(K, rows)
-    n_blocks = sum(triton.cdiv(w, cfg.block_n) for w in splits)
-    bounds = [sum(splits[:i]) for i in range(1, MAX_SEGMENTS)] + [N] * (MAX_SEGMENTS - len(splits))
-    compact = cfg.compact and block_m == 1 and rows <= COMPACT_BLOCK
-    # Scratch: compacted channels, or the prologue's inputs; a slot per row a program owns. Sized
-    # for whichever form a one-row call takes (rows <= COMPACT_BLOCK there), so that warming up
-    # the plain call sizes it for the fused ones too: none may grow it inside a CUDA graph.
-    slots = n_blocks * (K + COMPACT_BLOCK) if block_m == 1 else 1
-    partials, counters, index, value = workspace.get(x.device, partials=split_k * n_blocks * block_m * cfg.block_n,
-                                                      counters=n_blocks, index=slots, value=slots)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    # The plain form keeps the registers its config was tuned with (the compact loop needs ~200).
-    fused = prologue or residual is not None or kept is not None
-    cap = None
-    if x.device.type == "cuda" and fused and not compact:
-        cap = register_cap(n_blocks * split_k, cfg.num_warps, _sm_count(x.device))
-    _sparse_gemv_kernel[(n_blocks, split_k)](
-        x, data, thresholds, y, partials, counters, index, value,
-        # Unused pointers get a tensor already at hand: the kernel never reads them.
+    return prologue, wfmt, group
+
+
+def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=None, eps=0.0, swiglu=False,
+                residual=None, kept=None, scales=None, zeros=None, group_size=0):
+    """x: [M, K] (M <= MAX_ROWS); data: the weight [K, N] in a float dtype, or int8 [K, N] with fp32
+    scales [N], or int4 (uint8 [K, N bytes] with fp16 scales and uint8 zeros [K / group_size, N]),
+    as packed.PackedWeight lays them out; thresholds: fp32 [n_segments] (any stride); splits:
+    segment widths summing to N. Returns y: [M, N] in x's dtype (written into out if given).
+
+    Fused around the product (ops.sparse_linear documents them): norm_weight (the input is
+    RMSNorm(x) * norm_weight, eps) or swiglu (x: [1, 2K] = [gate | up], the input is silu(gate) * up),
+    and kept (int64 [n_segments], += active channels), for M = 1 only; residual ([M, N]) for any M."""
+    key = (x.shape, x.stride(), x.dtype, x.device, data.shape, data.dtype, tuple(splits), config, thresholds.shape,
+           thresholds.dtype, None if norm_weight is None else norm_weight.shape, swiglu,
+           None if residual is None else (residual.shape, residual.stride(), residual.dtype),
+           None if kept is None else (kept.shape, kept.dtype), None if scales is None else (scales.shape, scales.dtype),
+           None if zeros is None else zeros.shape, group_size)
+    plan = _plans.get(key)
+    if plan is None:
+        prologue, wfmt, group = check(x, data, thresholds, splits, norm_weight, swiglu, residual, kept, scales, zeros, group_size)
+        plan = _plans[key] = Plan(x, data, thresholds, splits, config, prologue, residual, kept, wfmt, group)
+    partials, counters, index, value = plan.workspace(x.device)
+    y = torch.empty(x.shape[0], plan.N, dtype=x.dtype, device=x.device) if out is None else out
+    # Unused pointers get a tensor already at hand: the kernel never reads them.
+    sparse_gemv_kernel[plan.grid](
+        x, data, x if scales is None else scales, x if zeros is None else zeros, thresholds, y, partials, counters, index, value,
         x if norm_weight is None else norm_weight, x if residual is None else residual, counters if kept is None else kept,
-        M, K, N, bounds[0], bounds[1], rows, eps,
-        x.stride(0), y.stride(0), thresholds.stride(0),
-        BLOCK_M=block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
-        REDUCE_SPLITS=max(1, 16 // block_m), EVEN_N=all(w % cfg.block_n == 0 for w in splits),
-        # fp32 weights need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
-        DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
-        COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
-        PROLOGUE=prologue, NORM_BLOCK=triton.next_power_of_2(K) if prologue == 1 else 1,
-        HAS_RESIDUAL=residual is not None, COUNT=kept is not None,
-        num_warps=cfg.num_warps, **({} if cap is None else {"maxnreg": cap}),
-    )
+        x.shape[0], plan.K, *plan.scalars, eps, x.stride(0), y.stride(0), thresholds.stride(0), **plan.meta)
     return y
-
-
-def weight_copies(nbytes, device):
-    """How many copies of a weight of nbytes make 4x the L2: cycling through them, each call finds
-    its weight cold, as each layer's projection does in a decode step."""
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    return max(2, triton.cdiv(4 * l2, nbytes))
-
-
-def time_in_graph(fns, flush_l2=False, replays=50):
-    """Median microseconds per call of fns, run back to back from one CUDA graph as a compiled
-    decode step runs them (eagerly, Python costs more than a small GEMV takes on the GPU).
-
-    Give fns that read enough distinct weights (weight_copies) to find them cold. flush_l2=True
-    times as triton's do_bench does, zeroing 256 MB before each replay: that leaves the L2 full of
-    dirty lines, and the timed calls pay for writing them back (about 12 us on an H100), a cost a
-    decode step, whose L2 holds the previous layer's clean weights, does not have.
-    """
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    if flush_l2:
-        return 1e3 * triton.testing.do_bench(graph.replay, warmup=5, rep=20, return_mode="median") / len(fns)
-    for _ in range(3):
-        graph.replay()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    return 1e3 * sorted(s.elapsed_time(e) for s, e in events)[replays // 2] / len(fns)
-
-
-def tune(K, splits, dtype=torch.bfloat16, rows=1, device="cuda", sparsities=(0.0, 0.5), candidates=None):
-    """Time the candidate configs on random data at the given sparsities; keep the one with the
-    least summed time for this (K, splits, dtype, rows, device) in this process. Returns it.
-
-    Never call during CUDA-graph capture: it allocates and synchronizes. Call it (or warm_up) ahead.
-    """
-    device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0", the form calls key on
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("tune() cannot run during CUDA-graph capture; tune before capturing")
-    N = sum(splits)
-    block_m = 1 if rows == 1 else 16
-    Ws = [torch.randn(K, N, device=device, dtype=dtype) * 0.02 for _ in range(weight_copies(K * N * dtype.itemsize, device))]
-    x = torch.randn(rows, K, device=device, dtype=dtype)
-    best, best_time = None, float("inf")
-    for cfg in candidates or CANDIDATES:
-        times = []
-        for s in sparsities:
-            t = torch.full((len(splits),), torch.quantile(x.float().abs().flatten(), s).item() if s > 0 else 0.0, device=device)
-            times.append(time_in_graph([lambda W=W: sparse_gemv(x, W, t, splits, cfg) for W in Ws]))
-        tune_log.append(((K, tuple(splits), str(dtype), rows), cfg, times))
-        total = sum(times)
-        if total < best_time:
-            best, best_time = cfg, total
-    _tuned_here[(K, tuple(splits), dtype, block_m, str(device))] = best
-    return best

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from sparse_kernels.packed import dequantize
 from sparse_kernels.reference import count_kept, projection_input, segment_thresholds, sparse_linear_reference
 
 MAX_KERNEL_ROWS = 16
@@ -41,8 +42,8 @@ def _masked_matmul(x, data, thresholds, splits):
     return torch.cat(parts, dim=-1)
 
 
-def _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, residual, kept):
-    N = data.shape[1]
+def _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, residual, kept, scales, zeros, group_size):
+    N = sum(splits)
     x2 = x.reshape(-1, x.shape[-1])  # [M, in] (or [M, 2 * in] with swiglu)
     res2 = None if residual is None else residual.reshape(-1, N)
     M = x2.shape[0]
@@ -57,14 +58,15 @@ def _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, r
 
         y = sparse_gemv(x2.contiguous(), data, thresholds, splits, norm_weight=norm_weight if fused else None,
                         eps=norm_eps, swiglu=swiglu and fused, residual=None if res2 is None else res2.contiguous(),
-                        kept=kept if fused else None)
+                        kept=kept if fused else None, scales=scales, zeros=zeros, group_size=group_size)
         return y.reshape(*x.shape[:-1], N)
+    W = dequantize(data, scales, zeros, group_size, splits)  # [out, in]; quantized: fp32, made per call
     if M == 0:
         y = x2.new_empty(0, N)
     elif M > MAX_KERNEL_ROWS:
-        y = _masked_matmul(x2, data, thresholds, splits)
+        y = _masked_matmul(x2, W.t().to(x2.dtype), thresholds, splits)
     else:
-        y = sparse_linear_reference(x2, data.t(), thresholds, splits)
+        y = sparse_linear_reference(x2, W, thresholds, splits)
     if res2 is not None:
         y = res2 + y
     return y.reshape(*x.shape[:-1], N)
@@ -74,20 +76,23 @@ def _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, r
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
 def sparse_linear_op(x: torch.Tensor, data: torch.Tensor, thresholds: torch.Tensor, splits: list[int],
                      norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0, swiglu: bool = False,
-                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, residual, None)
+                     residual: Optional[torch.Tensor] = None, scales: Optional[torch.Tensor] = None,
+                     zeros: Optional[torch.Tensor] = None, group_size: int = 0) -> torch.Tensor:
+    return _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, residual, None, scales, zeros, group_size)
 
 
 @torch.library.custom_op("teal::sparse_linear_counted", mutates_args=("kept",))
 def sparse_linear_counted_op(x: torch.Tensor, data: torch.Tensor, thresholds: torch.Tensor, splits: list[int],
                              kept: torch.Tensor, norm_weight: Optional[torch.Tensor] = None, norm_eps: float = 0.0,
-                             swiglu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, residual, kept)
+                             swiglu: bool = False, residual: Optional[torch.Tensor] = None,
+                             scales: Optional[torch.Tensor] = None, zeros: Optional[torch.Tensor] = None,
+                             group_size: int = 0) -> torch.Tensor:
+    return _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, residual, kept, scales, zeros, group_size)
 
 
 @sparse_linear_op.register_fake
-def _(x, data, *args, **kwargs):
-    return x.new_empty(*x.shape[:-1], data.shape[1])
+def _(x, data, thresholds, splits, *args, **kwargs):
+    return x.new_empty(*x.shape[:-1], sum(splits))
 
 
 sparse_linear_counted_op.register_fake(_)
@@ -96,8 +101,9 @@ sparse_linear_counted_op.register_fake(_)
 def sparse_linear(x, pw, thresholds, *, norm_weight=None, norm_eps=0.0, swiglu=False, residual=None, kept=None):
     """y = (x * (|x| > t)) @ W.T with W = pw.dequantize(), one threshold per segment of pw.
 
-    x: [..., in] in the weight's dtype; thresholds: float, 0-d tensor or [len(pw.splits)] tensor
-    (pass tensors under torch.compile: a float is baked into the graph). y: [..., out] in x's dtype.
+    x: [..., in] in the weight's dtype (pw.dtype; int8 and int4 weights compute in the dtype they
+    were packed for); thresholds: float, 0-d tensor or [len(pw.splits)] tensor (pass tensors under
+    torch.compile: a float is baked into the graph). y: [..., out] in x's dtype.
 
     Fused around it, so that a decode step needs no kernels of its own for them:
     - norm_weight, norm_eps: the input is RMSNorm(x) * norm_weight (x: the residual stream);
@@ -105,34 +111,49 @@ def sparse_linear(x, pw, thresholds, *, norm_weight=None, norm_eps=0.0, swiglu=F
     - residual: [..., out]; returns residual + y (y rounded to x's dtype first);
     - kept: int64 [len(pw.splits)]; adds how many input entries each segment's threshold kept.
     Each is computed as reference.projection_input / count_kept do, rounded the same way.
+
+    Outside torch.compile the call goes straight to the launcher: the custom op's Python dispatch
+    costs more host time than a small GEMV takes on the GPU. Under compile, the op keeps it whole.
     """
     in_features = pw.in_features * (2 if swiglu else 1)
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
     t = segment_thresholds(thresholds, pw.splits, x.device)
+    data, scales, zeros, group_size = pw.kernel_tensors()
+    if not torch.compiler.is_compiling():
+        return _sparse_linear(x, data, t, pw.splits, norm_weight, norm_eps, swiglu, residual, kept, scales, zeros, group_size)
     if kept is None:
-        return sparse_linear_op(x, pw.data, t, list(pw.splits), norm_weight, norm_eps, swiglu, residual)
-    return sparse_linear_counted_op(x, pw.data, t, list(pw.splits), kept, norm_weight, norm_eps, swiglu, residual)
+        return sparse_linear_op(x, data, t, list(pw.splits), norm_weight, norm_eps, swiglu, residual, scales, zeros, group_size)
+    return sparse_linear_counted_op(x, data, t, list(pw.splits), kept, norm_weight, norm_eps, swiglu, residual, scales, zeros,
+                                    group_size)
 
 
 @torch.library.custom_op("teal::decode_attention", mutates_args=("k_cache", "v_cache"))
-def decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, pos: torch.Tensor, n_head: int, n_kv_head: int) -> torch.Tensor:
+def decode_attention_op(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, pos: torch.Tensor, n_head: int, n_kv_head: int) -> torch.Tensor:
+    from sparse_kernels.attention import decode_attention as launch
+
+    return launch(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head)
+
+
+@decode_attention_op.register_fake
+def _(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head):
+    return qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1])
+
+
+def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head):
     """One decode step's attention in one Triton launch (sparse_kernels/attention.py): rope the new
     token's q and k, write its k and v into the caches' slot pos, attend over slots 0..pos.
 
     qkv: [B, (n_head + 2 n_kv_head) * D]; caches [B, n_kv_head, S, D]; cos, sin: the rotary tables
     [R, D], R > pos; pos: a 1-element integer tensor, read on the device. -> [B, n_head * D].
     Triton devices only (runs_triton): elsewhere the model's torch code is the definition this
-    computes."""
-    from sparse_kernels.attention import decode_attention as launch
+    computes. A torch custom op under torch.compile, a direct launch outside it (as sparse_linear)."""
+    if not torch.compiler.is_compiling():
+        from sparse_kernels.attention import decode_attention as launch
 
-    return launch(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head)
-
-
-@decode_attention.register_fake
-def _(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head):
-    return qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1])
+        return launch(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head)
+    return decode_attention_op(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head)
 
 
 def warm_up_attention(batch_size, n_head, cache_len, head_dim, device):
@@ -154,4 +175,4 @@ def warm_up(pw, device=None, max_rows=MAX_KERNEL_ROWS):
         return  # the torch reference runs there: nothing to compile or size
     t = torch.zeros(len(pw.splits), device=device)
     for rows in sorted({1, min(2, max_rows), max_rows}):
-        sparse_linear(torch.randn(rows, pw.in_features, device=device, dtype=pw.data.dtype), pw, t)
+        sparse_linear(torch.randn(rows, pw.in_features, device=device, dtype=pw.dtype), pw, t)

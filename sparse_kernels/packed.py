@@ -129,21 +129,18 @@ class PackedWeight(nn.Module):
 
     def int4_values(self):
         """int4: q as uint8 [in, out], the segments' half-byte padding left out."""
-        starts, _ = segment_bytes(self.splits)
-        return torch.cat([unpack_nibbles(self.data[:, b:b + (w + 1) // 2], w) for b, w in zip(starts, self.splits)], dim=1)
+        return int4_values(self.data, self.splits)
+
+    def kernel_tensors(self):
+        """-> (data, scales, zeros, group_size) as the kernel takes them (None, 0 where unused)."""
+        return self.data, getattr(self, "scales", None), getattr(self, "zeros", None), self.group_size or 0
 
     def _segment_starts(self):
         return [sum(self.splits[:i]) for i in range(len(self.splits))]
 
     def dequantize(self):
         """The [out, in] weight the kernels multiply by: the float formats' own; int8 and int4 in fp32."""
-        if self.fmt in FLOAT_FORMATS:
-            return self.data.t()
-        if self.fmt == "int8":
-            return self.data.t().float() * self.scales[:, None]
-        g = torch.arange(self.in_features, device=self.data.device) // self.group_size  # [in]: each channel's group
-        W = (self.int4_values().float() - self.zeros.float()[g]) * self.scales.float()[g]  # [in, out]
-        return W.t()
+        return dequantize(*self.kernel_tensors(), self.splits)
 
     def forward(self, x):
         """Dense product x @ W.T, for prefill and the dense baseline (quantized: dequantized per call)."""
@@ -154,6 +151,23 @@ class PackedWeight(nn.Module):
     def extra_repr(self):
         group = f", group_size={self.group_size}" if self.group_size else ""
         return f"in={self.in_features}, out={self.out_features}, fmt={self.fmt}{group}, splits={self.splits}"
+
+
+def int4_values(data, splits):
+    """int4 data [in, out bytes] -> q as uint8 [in, out], the segments' half-byte padding left out."""
+    starts, _ = segment_bytes(splits)
+    return torch.cat([unpack_nibbles(data[:, b:b + (w + 1) // 2], w) for b, w in zip(starts, splits)], dim=1)
+
+
+def dequantize(data, scales, zeros, group_size, splits):
+    """The kernels' tensors (PackedWeight.kernel_tensors) -> the [out, in] weight they multiply by:
+    a float data's own transpose; int8 (int8 data) and int4 (uint8 data) in fp32."""
+    if data.dtype == torch.int8:
+        return data.t().float() * scales[:, None]
+    if data.dtype != torch.uint8:
+        return data.t()
+    g = torch.arange(data.shape[0], device=data.device) // group_size  # [in]: each input channel's group
+    return ((int4_values(data, splits).float() - zeros.float()[g]) * scales.float()[g]).t()
 
 
 def pack_nibbles(q):

@@ -37,7 +37,7 @@ def small_tiles(attention, monkeypatch):
     """8-position tiles and 32 programs: several splits of one or more tiles even at small S."""
     monkeypatch.setattr(attention, "BLOCK_T", 8)
     monkeypatch.setattr(attention, "PROGRAMS_PER_SM", 2)
-    monkeypatch.setattr(attention, "_sm_count", lambda device: 16)
+    monkeypatch.setattr(attention, "sm_count", lambda device: 16)
     return attention
 
 
@@ -196,7 +196,7 @@ def test_workspace_sizes(small_tiles):
 def test_warm_up_bounds_every_kv_head_count(attention, monkeypatch, sms):
     """The model warms up knowing n_head only, and inside a CUDA graph the workspace cannot grow:
     that size must cover every n_kv_head dividing n_head (shipped tiles; the CPU's 2 'SMs', an H100's 132)."""
-    monkeypatch.setattr(attention, "_sm_count", lambda device: sms)
+    monkeypatch.setattr(attention, "sm_count", lambda device: sms)
     cpu = torch.device("cpu")
     for B, n_head, S in [(1, 12, 37), (3, 12, 300), (1, 32, 8192), (16, 32, 8192), (64, 32, 4096)]:
         bound = attention.attention_workspace_sizes(B, n_head, S, 128, cpu)

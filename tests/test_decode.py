@@ -67,17 +67,24 @@ def test_thresholds_change_the_tokens(model):
 
 
 def test_benchmark_decode_smoke(tmp_path):
+    """Every weight format's rows on the CPU (the dense quantized baselines are CUDA kernels)."""
     out = tmp_path / "bench"
     done = subprocess.run([sys.executable, "-m", "scripts.benchmark_decode", "--model", "tiny", "--device", "cpu", "--no-compile",
-                           "--sparsities", "0.25,0.5", "--new-tokens", "6", "--runs", "1", "--calibration-windows", "4",
-                           "--calibration-length", "48", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+                           "--weights", "bf16", "int8", "int4", "--group-size", "32", "--sparsities", "0.25,0.5",
+                           "--new-tokens", "6", "--runs", "1", "--calibration-windows", "4", "--calibration-length", "48",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.with_suffix(".json").read_text())
-    assert [r["variant"] for r in result["rows"]] == ["dense", "sparse 0.25", "sparse 0.5"]
-    dense, quarter, half = result["rows"]
-    assert dense["measured_sparsity"] == 0 and quarter["measured_sparsity"] < half["measured_sparsity"]
-    assert half["bytes_per_token"] < quarter["bytes_per_token"] < dense["bytes_per_token"]
-    assert out.with_suffix(".png").stat().st_size > 0 and "| sparse 0.5 |" in out.with_suffix(".md").read_text()
+    assert [r["variant"] for r in result["rows"]] == (
+        ["bf16 dense (torch)"] + [f"{f} {v}" for f in ("bf16", "int8", "int4-g32") for v in ("t=0 (sparse kernels)", "sparse 0.25", "sparse 0.5")])
+    for fmt in ("bf16", "int8", "int4-g32"):
+        zero, quarter, half = [r for r in result["rows"] if r["format"] == fmt and r["kind"] == "kernel"]
+        assert zero["measured_sparsity"] == 0 and quarter["measured_sparsity"] < half["measured_sparsity"]
+        assert half["bytes_per_token"] < quarter["bytes_per_token"] < zero["bytes_per_token"]
+        assert "fixed_us_per_projection" in result["fixed_costs"][fmt]
+    by = {r["variant"]: r["bytes_per_token"] for r in result["rows"]}
+    assert by["int4-g32 t=0 (sparse kernels)"] < by["int8 t=0 (sparse kernels)"] < by["bf16 t=0 (sparse kernels)"]
+    assert out.with_suffix(".png").stat().st_size > 0 and "| int8 sparse 0.5 |" in out.with_suffix(".md").read_text()
 
 
 def test_prefill_is_dense_unless_asked(model):
@@ -103,4 +110,4 @@ def test_benchmark_decode_on_a_real_checkpoint(tmp_path, smollm2_dir):
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["model"] == "smollm2-135m-instruct" and result["method"] == "greedy"
     # 8 tokens after a random-token prompt, with thresholds calibrated on prose: near 0.5, not at it.
-    assert 0.4 < result["rows"][1]["measured_sparsity"] < 0.6
+    assert 0.4 < result["rows"][-1]["measured_sparsity"] < 0.6

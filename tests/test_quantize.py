@@ -138,3 +138,20 @@ def test_an_already_quantized_checkpoint_is_refused(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already quantized" in err[0]
     assert json.loads(checkpoint.read_metadata(out)["quantization"])["mode"] == "int8"
+
+
+@pytest.mark.parametrize("mode, group", [("int8", None), ("int4", 64)])
+def test_a_quantized_bundled_model_generates_with_its_sources_thresholds(smollm2_dir, tmp_path, capsys, mode, group):
+    """generate.py takes the derived checkpoint with no other flag: the shipped thresholds (made for
+    the float model) apply, and the measured sparsity is near the target."""
+    import generate
+
+    out = tmp_path / "q"
+    cli(quantize_cli.main, ["--checkpoint", str(smollm2_dir), "--mode", mode, "--out", str(out)] + (["--group-size", str(group)] if group else []))
+    capsys.readouterr()
+    cli(generate.main, ["--checkpoint", str(out), "--sparsity", "0.5", "--temperature", "0", "--max-new-tokens", "24",
+                        "--chat", "--prompt", "What are the three primary colours?", "--device", "cpu"])
+    text, err = capsys.readouterr()
+    measured = float(err.split("measured sparsity ")[1].split()[0])
+    assert "thresholds for sparsity 0.5 (greedy)" in err and abs(measured - 0.5) < 0.05, err
+    assert len(text.split()) > 5

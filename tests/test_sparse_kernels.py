@@ -25,7 +25,7 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 1e-2}
 
 @pytest.fixture(scope="module", autouse=True)
 def triton_interpreter():
-    yield from interpreted("gemv", "_sparse_gemv_kernel")
+    yield from interpreted("gemv", "sparse_gemv_kernel")
 
 
 def reference(x, W, thresholds, splits):
@@ -43,23 +43,30 @@ def threshold(x, kind):
             "inf": math.inf, "negative": -1.0}[kind]
 
 
-def check(y, ref, x, fmt):
+def check(y, x, W, t, splits, fmt):
+    """y against the float64 product, relative to the float64 product of |x| and |W| (the scale of
+    fp32 summation's error bound, so cancellation in a few outputs cannot fail a right result)."""
+    ref = reference(x, W, t, splits)
     assert y.dtype == x.dtype and y.shape == ref.shape
     assert torch.isfinite(y).all()
     if ref.norm() == 0:
         assert (y == 0).all()
     else:
-        err = ((y.double() - ref).norm() / ref.norm()).item()
+        err = ((y.double() - ref).norm() / reference(x.abs(), W.abs(), t, splits).norm()).item()
         assert err < TOLERANCE[fmt], err
 
 
 @pytest.fixture(params=["masked", "compact"])
 def loop(request, triton_interpreter, monkeypatch):
     """Run a test once with each of the kernel's two loops."""
-    gemv, default = triton_interpreter, triton_interpreter.default_config
+    from sparse_kernels import configs
+
+    gemv, default = triton_interpreter, configs.default_config
     compact = request.param == "compact"
-    monkeypatch.setattr(gemv, "default_config", lambda *a: dataclasses.replace(default(*a), compact=compact))
-    return gemv
+    monkeypatch.setattr(configs, "default_config", lambda *a: dataclasses.replace(default(*a), compact=compact))
+    gemv.clear_plans()
+    yield gemv
+    gemv.clear_plans()
 
 
 def poison_workspace(gemv, device="cpu"):
@@ -81,7 +88,7 @@ def test_matches_float64(loop, in_f, out_f, fmt):
             t = threshold(x, kind)
             poison_workspace(loop)
             y = sparse_linear(x, pw, torch.tensor(t))
-            check(y, reference(x, W, t, pw.splits), x, fmt)
+            check(y, x, W, t, pw.splits, fmt)
             if kind == "inf":
                 assert (y == 0).all()
 
@@ -98,8 +105,7 @@ def test_segments(loop, in_f, splits, rows, fmt):
         t = torch.tensor([threshold(x, k) for k in ks[:len(splits)]])
         poison_workspace(loop)
         y = sparse_linear(x, pw, t)
-        ref = reference(x, W, t, splits)
-        check(y, ref, x, fmt)
+        check(y, x, W, t, splits, fmt)
         for i, (start, width) in enumerate(zip([0, *torch.tensor(splits).cumsum(0).tolist()], splits)):
             if t[i] == math.inf:
                 assert (y[..., start:start + width] == 0).all()
@@ -120,7 +126,7 @@ def test_every_output_written(triton_interpreter, config, rows):
     poison_workspace(gemv)
     out = torch.full((rows, sum(splits)), math.nan, dtype=torch.bfloat16)
     y = gemv.sparse_gemv(x, pack_weight(W, "bf16", splits).data, t, splits, cfg, out=out)
-    check(y, reference(x, W, t, splits), x, "bf16")
+    check(y, x, W, t, splits, "bf16")
     (counters,) = gemv.workspace.get(torch.device("cpu"), counters=1)
     assert (counters == 0).all(), "the last program of each block resets its counter"
 
@@ -142,7 +148,7 @@ def test_inputs_that_are_not_finite(triton_interpreter):
     finite = x.clone()
     finite[0, 3] = 0
     y = sparse_linear(finite, pw, 0.5)
-    check(y, reference(finite, W, 0.5, pw.splits), finite, "fp16")
+    check(y, finite, W, 0.5, pw.splits, "fp16")
 
 
 def test_threshold_forms(triton_interpreter):
@@ -161,7 +167,7 @@ def test_many_rows_use_masked_matmul(triton_interpreter):
     pw = pack_weight(W, "bf16", (32, 64))
     x = torch.randn(2, MAX_KERNEL_ROWS, 64, dtype=torch.bfloat16)
     t = torch.tensor([0.7, 0.2])
-    check(sparse_linear(x, pw, t), reference(x, W, t, pw.splits), x, "bf16")
+    check(sparse_linear(x, pw, t), x, W, t, pw.splits, "bf16")
 
 
 def test_dispatch(triton_interpreter, monkeypatch):
@@ -302,7 +308,7 @@ def test_kept_count_over_long_ranges(triton_interpreter):
     kept = torch.zeros(2, dtype=torch.int64)
     W = torch.randn(sum(splits), in_f)
     y = gemv.sparse_gemv(x, pack_weight(W, "fp32", splits).data, t, splits, gemv.Config(16, 16, in_f + 16, 4, False), kept=kept)
-    check(y, reference(x, W, t, splits), x, "fp32")
+    check(y, x, W, t, splits, "fp32")
     assert torch.equal(kept, count_kept(x, t))
 
 
@@ -368,3 +374,95 @@ def test_fused_bad_arguments(triton_interpreter):
         gemv.sparse_gemv(torch.randn(1, 16), W, t, (8,), kept=torch.zeros(1))
     with pytest.raises(ValueError, match="features"):
         sparse_linear(torch.randn(16), pack_weight(torch.randn(8, 16), "fp32"), 0.1, swiglu=True)
+
+
+# int8 and int4 weights: the same contract against the float64 product of pw.dequantize(), the
+# weight the kernel multiplies by (quantization error is the quantizer's, tested in test_quantize).
+
+QUANTIZED = {"int8": None, "int4-g32": 32, "int4-g128": 128}
+
+
+def quantized(fmt, W, splits, dtype):
+    group = QUANTIZED[fmt]
+    pw = pack_weight(W, fmt.split("-")[0], splits, group_size=group, dtype=dtype)
+    return pw, pw.dequantize()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("fmt", QUANTIZED)
+@pytest.mark.parametrize("in_f,out_f", [(1, 3), (3, 1), (129, 333), (333, 129), (1000, 129)])
+def test_quantized_matches_float64(loop, in_f, out_f, fmt, dtype):
+    pw, Wq = quantized(fmt, torch.randn(out_f, in_f), (out_f,), DTYPES[dtype])
+    for lead in [(), (1,), (1, 1), (2, 3)]:
+        x = torch.randn(*lead, in_f).to(DTYPES[dtype])
+        for kind in ["zero", "median", "q90", "inf", "negative"]:
+            t = threshold(x, kind)
+            poison_workspace(loop)
+            y = sparse_linear(x, pw, torch.tensor(t))
+            check(y, x, Wq, t, pw.splits, dtype)
+            if kind == "inf":
+                assert (y == 0).all()
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+@pytest.mark.parametrize("in_f,splits", [(257, (100, 31, 31)), (100, (77, 77)), (7, (1, 6)), (64, (64, 16, 16))])
+@pytest.mark.parametrize("rows", [1, 4, MAX_KERNEL_ROWS + 1])
+def test_quantized_segments(loop, in_f, splits, rows, fmt):
+    """Odd segment widths (int4: a segment ends in half a byte), a threshold each, several rows."""
+    pw, Wq = quantized(fmt, torch.randn(sum(splits), in_f), splits, torch.bfloat16)
+    x = torch.randn(rows, in_f).to(torch.bfloat16)
+    for ks in [["median", "q90", "zero"], ["inf", "negative", "median"]]:
+        t = torch.tensor([threshold(x, k) for k in ks[:len(splits)]])
+        poison_workspace(loop)
+        y = sparse_linear(x, pw, t)
+        check(y, x, Wq, t, splits, "bf16")
+        for i, (start, width) in enumerate(zip([0, *torch.tensor(splits).cumsum(0).tolist()], splits)):
+            if t[i] == math.inf:
+                assert (y[..., start:start + width] == 0).all()
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+@pytest.mark.parametrize("prologue", ["norm", "swiglu", "none"])
+def test_quantized_fused_decode_matches_float64(loop, fmt, prologue):
+    """The decode forms on quantized weights: prologue, product, residual and count in one launch,
+    out and scratch poisoned, an inactive NaN and inf in x dropped."""
+    in_f, splits = 100, (37, 20, 20)
+    x, kwargs, W, t, res = fused_case("bf16", in_f, splits, prologue)
+    pw, Wq = quantized(fmt, W.float(), splits, torch.bfloat16)
+    xin = kernel_input(x, kwargs, kernel_rounding(x.dtype))
+    kept = torch.zeros(len(splits), dtype=torch.int64)
+    poison_workspace(loop)
+    data, scales, zeros, group = pw.kernel_tensors()
+    out = torch.full((1, sum(splits)), math.nan, dtype=x.dtype)
+    y = loop.sparse_gemv(x, data, t, splits, out=out, residual=res, kept=kept, norm_weight=kwargs.get("norm_weight"),
+                         eps=kwargs.get("norm_eps", 0.0), swiglu=kwargs.get("swiglu", False), scales=scales, zeros=zeros,
+                         group_size=group)
+    ref = res.double() + reference(xin, Wq, t, splits)
+    assert torch.isfinite(y).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert torch.equal(kept, count_kept(xin, t))
+
+
+@pytest.mark.parametrize("fmt", QUANTIZED)
+def test_quantized_inputs_that_are_not_finite(triton_interpreter, fmt):
+    pw, Wq = quantized(fmt, torch.randn(50, 40), (50,), torch.float32)
+    x = torch.randn(1, 40)
+    x[0, 3], x[0, 7] = math.inf, math.nan
+    assert (sparse_linear(x, pw, math.inf) == 0).all()  # inf is not > inf; NaN is never > t
+    x[0, 3] = 0.01  # below the threshold: dropped
+    y = sparse_linear(x, pw, 0.5)
+    finite = torch.where(x.abs() > 0.5, x, 0.0)
+    check(y, finite, Wq, 0.5, pw.splits, "fp32")
+
+
+def test_quantized_weights_need_their_scales(triton_interpreter):
+    gemv = triton_interpreter
+    pw = pack_weight(torch.randn(8, 64), "int4", group_size=32)
+    data, scales, zeros, group = pw.kernel_tensors()
+    x, t = torch.randn(1, 64, dtype=torch.bfloat16), torch.zeros(1)
+    with pytest.raises(ValueError, match="int4 weights need"):
+        gemv.sparse_gemv(x, data, t, (8,), scales=scales)
+    with pytest.raises(ValueError, match="int4 scales and zeros"):
+        gemv.sparse_gemv(x, data, t, (8,), scales=scales[:1], zeros=zeros[:1], group_size=group)
+    with pytest.raises(ValueError, match="int8 weights need"):
+        gemv.sparse_gemv(x, pack_weight(torch.randn(8, 64), "int8").data, t, (8,))
