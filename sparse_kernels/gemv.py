@@ -277,12 +277,12 @@ def sparse_gemv_kernel(
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         if arrived == split_k - 1:
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(0, split_k, REDUCE_SPLITS):
-                ss = s + tl.arange(0, REDUCE_SPLITS)  # [REDUCE_SPLITS]
-                base = (ss * n_blocks + pid_n) * (BLOCK_M * BLOCK_N)
+            for r in range(0, split_k, REDUCE_SPLITS):
+                rs = r + tl.arange(0, REDUCE_SPLITS)  # [REDUCE_SPLITS]: the splits summed together
+                base = (rs * n_blocks + pid_n) * (BLOCK_M * BLOCK_N)
                 # .cg: read at L2, where the other SMs' partials are, never a stale L1 line.
                 parts = tl.load(partial_ptr + base[:, None, None] + tile[None, :, :],
-                                mask=(ss < split_k)[:, None, None], other=0.0,
+                                mask=(rs < split_k)[:, None, None], other=0.0,
                                 cache_modifier=".cg")  # [REDUCE_SPLITS, BLOCK_M, BLOCK_N]
                 total += tl.sum(parts, axis=0)
             tl.store(y_ptr + out_offs, _output(total, res_ptr, out_offs, out_ok, y_ptr, HAS_RESIDUAL), mask=out_ok)
