@@ -230,8 +230,15 @@ def warm_up_attention(B, n_head, S, D, device, n_kv_head=None):
     workspace.get(device, **attention_workspace_sizes(B, n_head, S, D, device, n_kv_head))
 
 
-def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head, out=None):
-    """One decode step of attention. qkv: [B, (n_head + 2 n_kv_head) * D] (q | k | v heads);
+def decode_attention(*args, **kwargs):
+    """attention_call's arguments; launches the kernel and returns y."""
+    grid, kernel_args, meta, y = attention_call(*args, **kwargs)
+    _decode_attention_kernel[grid](*kernel_args, **meta)
+    return y
+
+
+def attention_call(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head, out=None):
+    """The launch of one decode step of attention: -> (grid, arguments, meta, y). qkv: [B, (n_head + 2 n_kv_head) * D] (q | k | v heads);
     k_cache, v_cache: [B, n_kv_head, S, D]; cos, sin: [R, D] rotary tables (R > pos), of which row
     pos is used; pos: a 1-element integer tensor, 0 <= pos < S, read on the device. Writes rope(k)
     and v into the caches' slot pos and returns y: [B, n_head * D] in qkv's dtype (into out if
@@ -253,9 +260,8 @@ def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head, ou
     partials, counters = workspace.get(qkv.device, **attention_workspace_sizes(B, n_head, S, D, qkv.device, n_kv_head))
     y = torch.empty(B, n_head * D, dtype=qkv.dtype, device=qkv.device) if out is None else out
     heads = triton.next_power_of_2(n_head // n_kv_head)
-    _decode_attention_kernel[(B * n_kv_head, n_splits)](
-        qkv, k_cache, v_cache, cos, sin, pos, y, partials, counters,
-        S, n_head, n_kv_head, math.log2(math.e) / math.sqrt(D),
+    args = (qkv, k_cache, v_cache, cos, sin, pos, y, partials, counters, S, n_head, n_kv_head, math.log2(math.e) / math.sqrt(D))
+    meta = dict(
         D=D, BLOCK_T=BLOCK_T, GROUP_BLOCK=max(16, heads), HEADS=heads,
         # A power of two: the largest that keeps a round within COMBINE_AT_ONCE values, and no
         # more than the grid's splits.
@@ -266,4 +272,4 @@ def decode_attention(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head, ou
         # does; with fusion the GPU contracts it into one bf16 FMA (measured: 1-ulp differences).
         enable_fp_fusion=False, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
-    return y
+    return (B * n_kv_head, n_splits), args, meta, y

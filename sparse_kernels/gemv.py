@@ -78,17 +78,21 @@ def _load_weights(w_ptr, rows, cols, byte_cols, row_ok, col_ok, byte_ok, N, NB, 
     """The weight rows `rows` ([BLOCK_K]) at columns `cols` ([BLOCK_N]) as stored: [BLOCK_K, BLOCK_N]
     (float, int8), or int4's bytes [BLOCK_K, BLOCK_N // 2] (byte_cols, of NB a row). Rows not row_ok
     are never read. Held so, not as fp32, while in flight: half the registers (a quarter for int8)."""
+    # One return after constexpr branches: Triton's compiler types a return inside a taken
+    # constexpr branch together with the one after it.
     if WFMT == 2:
         if EVEN_N:
             ok = row_ok[:, None]  # a mask constant along a row keeps the loads wide
         else:
             ok = row_ok[:, None] & byte_ok[None, :]
-        return tl.load(w_ptr + rows[:, None] * NB + byte_cols[None, :], mask=ok, other=0)
-    if EVEN_N:
-        ok = row_ok[:, None]
+        w = tl.load(w_ptr + rows[:, None] * NB + byte_cols[None, :], mask=ok, other=0)
     else:
-        ok = row_ok[:, None] & col_ok[None, :]
-    return tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0)
+        if EVEN_N:
+            ok = row_ok[:, None]
+        else:
+            ok = row_ok[:, None] & col_ok[None, :]
+        w = tl.load(w_ptr + rows[:, None] * N + cols[None, :], mask=ok, other=0)
+    return w
 
 
 @triton.jit
@@ -102,8 +106,11 @@ def _load_group(s_ptr, z_ptr, group, cols, row_ok, col_ok, N, WFMT: tl.constexpr
         else:
             ok = col_ok[None, :]
             offs = group * N + cols[None, :]
-        return tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32), tl.load(z_ptr + offs, mask=ok, other=0).to(tl.float32)
-    return 0.0, 0.0
+        scale = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + offs, mask=ok, other=0).to(tl.float32)
+    else:
+        scale, zero = 0.0, 0.0
+    return scale, zero
 
 
 @triton.jit
@@ -112,8 +119,10 @@ def _dequantize(w, s, z, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WFMT: tl.
     after the sum), int4 (q - zero) * scale, column 2i being byte i's low nibble."""
     if WFMT == 2:
         q = tl.join(w & 15, w >> 4).reshape(BLOCK_K, BLOCK_N)
-        return (q.to(tl.float32) - z) * s
-    return w.to(tl.float32)
+        tile = (q.to(tl.float32) - z) * s
+    else:
+        tile = w.to(tl.float32)
+    return tile
 
 
 @triton.jit
@@ -423,12 +432,13 @@ def check(x, data, thresholds, splits, norm_weight, swiglu, residual, kept, scal
     return prologue, wfmt, group
 
 
-def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=None, eps=0.0, swiglu=False,
-                residual=None, kept=None, scales=None, zeros=None, group_size=0):
+def gemv_call(x, data, thresholds, splits, config=None, out=None, norm_weight=None, eps=0.0, swiglu=False,
+              residual=None, kept=None, scales=None, zeros=None, group_size=0):
     """x: [M, K] (M <= MAX_ROWS); data: the weight [K, N] in a float dtype, or int8 [K, N] with fp32
     scales [N], or int4 (uint8 [K, N bytes] with fp16 scales and uint8 zeros [K / group_size, N]),
     as packed.PackedWeight lays them out; thresholds: fp32 [n_segments] (any stride); splits:
-    segment widths summing to N. Returns y: [M, N] in x's dtype (written into out if given).
+    segment widths summing to N. -> (grid, arguments, meta, y) of sparse_gemv_kernel's launch, y: [M, N]
+    in x's dtype (out if given).
 
     Fused around the product (ops.sparse_linear documents them): norm_weight (the input is
     RMSNorm(x) * norm_weight, eps) or swiglu (x: [1, 2K] = [gate | up], the input is silu(gate) * up),
@@ -445,8 +455,14 @@ def sparse_gemv(x, data, thresholds, splits, config=None, out=None, norm_weight=
     partials, counters, index, value = plan.workspace(x.device)
     y = torch.empty(x.shape[0], plan.N, dtype=x.dtype, device=x.device) if out is None else out
     # Unused pointers get a tensor already at hand: the kernel never reads them.
-    sparse_gemv_kernel[plan.grid](
-        x, data, x if scales is None else scales, x if zeros is None else zeros, thresholds, y, partials, counters, index, value,
-        x if norm_weight is None else norm_weight, x if residual is None else residual, counters if kept is None else kept,
-        x.shape[0], plan.K, *plan.scalars, eps, x.stride(0), y.stride(0), thresholds.stride(0), **plan.meta)
+    args = (x, data, x if scales is None else scales, x if zeros is None else zeros, thresholds, y, partials, counters, index, value,
+            x if norm_weight is None else norm_weight, x if residual is None else residual, counters if kept is None else kept,
+            x.shape[0], plan.K, *plan.scalars, eps, x.stride(0), y.stride(0), thresholds.stride(0))
+    return plan.grid, args, plan.meta, y
+
+
+def sparse_gemv(*args, **kwargs):
+    """gemv_call's arguments; launches the kernel and returns y."""
+    grid, kernel_args, meta, y = gemv_call(*args, **kwargs)
+    sparse_gemv_kernel[grid](*kernel_args, **meta)
     return y
