@@ -32,25 +32,21 @@ import triton.language as tl
 
 from sparse_kernels.workspace import sm_count, workspace
 
-# Measured on an H100 (bf16, one CUDA graph) when a program held one q head: 64-position tiles beat
-# 32 by 1.2x-2x from S = 1024 to 8192. ptxas for sm_90a (16 rows, D = 128), no spills anywhere:
-# 64 positions and 4 warps take the fewest registers a byte of K/V tile, 116-128 a thread (triton
-# 3.6 and 3.9). 8 warps won on Llama-70B heads but lost overall: 1.11x the best SDPA time in
-# geometric mean against 1.03x (H100 sweep, 2026-11-25, benchmarks/results/attention_sweep_h100.json).
+# 64 positions and 4 warps: 64-position tiles beat 32 at long caches, and take the fewest registers
+# a byte of K/V tile with no spills; 8 warps won on Llama-70B heads only, and lost overall
+# (benchmarks/DESIGN.md, decode attention).
 BLOCK_T = 64  # cache positions a tile
 NUM_WARPS = 4
 # Two K/V tile buffers (38 KiB of shared memory a program) let up to 4 programs share an SM;
 # triton's default three (70 KiB) fit three.
 NUM_STAGES = 2
-# The grid's splits: about this many programs an SM over all kv heads. Against 4 (and against at
-# least 2 or 4 tiles a split) on Llama-3-8B, Llama-2-7B and 70B heads from 256 to 8192 positions,
-# 2 was the best all-round: 3% slower than the best SDPA backend in geometric mean, faster than it
-# at every length on Llama-3-8B heads; 4 took a round of the combine more at long caches.
+# The grid's splits: about this many programs an SM over all kv heads. 2 was the best all-round
+# against 4 (and against at least 2 or 4 tiles a split) on Llama-3-8B, Llama-2-7B and 70B heads
+# from 256 to 8192 positions; 4 takes a round of the combine more at long caches.
 PROGRAMS_PER_SM = 2
 MAX_SPLITS = 64  # bounds the partials' workspace and the combine's rounds
-# Partial values (HEADS x splits x D) a round of the combine's loads takes, all q heads at once. One
-# q head after another cost ~2 us more a layer at a 205-token cache, and 1.7x the time on Llama-70B
-# heads (8 a group) at 1024 positions (NOTES_decode.md, 2026-11-25).
+# Partial values (HEADS x splits x D) a round of the combine's loads takes, all q heads at once:
+# combining one q head after another cost more, most where a group holds many q heads.
 COMBINE_AT_ONCE = 8192
 
 
@@ -269,7 +265,7 @@ def attention_call(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head, out=
         # fp32 caches need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
         DOT_FP32=qkv.dtype == torch.float32 or qkv.device.type == "cpu",
         # No fused multiply-adds: rope rounds x * cos to the dtype before adding, as eager torch
-        # does; with fusion the GPU contracts it into one bf16 FMA (measured: 1-ulp differences).
+        # does; with fusion the GPU contracts it into one FMA, and the cache row differs by 1 ulp.
         enable_fp_fusion=False, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return (B * n_kv_head, n_splits), args, meta, y
