@@ -298,6 +298,9 @@ def sparse_gemv_kernel(
             tl.store(count_ptr + pid_n, 0)  # reset for the next call and for CUDA-graph replays
 
 
+N_POINTERS = sum(name.endswith("_ptr") for name in sparse_gemv_kernel.arg_names)
+
+
 def register_cap(n_programs, num_warps, sms):
     """The most registers a thread may take for all n_programs to be resident at once, or None
     where that needs no cap (or cannot be had). The tuned grids are one wave of the plain masked
@@ -385,6 +388,22 @@ class Plan:
             PROLOGUE=prologue, NORM_BLOCK=triton.next_power_of_2(K) if prologue == 1 else 1,
             HAS_RESIDUAL=residual is not None, COUNT=kept is not None, WFMT=wfmt, GROUP=group,
             num_warps=cfg.num_warps, **({} if cap is None else {"maxnreg": cap}))
+        # The launch takes the constexprs positionally, after the arguments, in the kernel's order.
+        self.constexprs = [self.meta[name] for name in sparse_gemv_kernel.arg_names if name in self.meta]
+        self.compiled = {}  # pointer alignments -> compiled kernel
+
+    def launch(self, args):
+        """sparse_gemv_kernel on args. On CUDA straight into the kernel compiled for these pointers'
+        alignments (Triton specializes on them; the plan's key fixes every other specialized
+        value), past Triton's binding of 36 arguments a call, most of an eager call's host time."""
+        if args[0].device.type != "cuda":
+            sparse_gemv_kernel[self.grid](*args, **self.meta)
+            return
+        aligned = tuple(a.data_ptr() % 16 == 0 for a in args[:N_POINTERS])  # the pointers come first
+        kernel = self.compiled.get(aligned)
+        if kernel is None:
+            kernel = self.compiled[aligned] = sparse_gemv_kernel.warmup(*args, grid=self.grid, **self.meta)
+        kernel[self.grid](*args, *self.constexprs)
 
     def workspace(self, device):
         if self.generation != workspace.generation:  # another call grew a buffer: take the new ones
@@ -437,7 +456,7 @@ def gemv_call(x, data, thresholds, splits, config=None, out=None, norm_weight=No
     """x: [M, K] (M <= MAX_ROWS); data: the weight [K, N] in a float dtype, or int8 [K, N] with fp32
     scales [N], or int4 (uint8 [K, N bytes] with fp16 scales and uint8 zeros [K / group_size, N]),
     as packed.PackedWeight lays them out; thresholds: fp32 [n_segments] (any stride); splits:
-    segment widths summing to N. -> (grid, arguments, meta, y) of sparse_gemv_kernel's launch, y: [M, N]
+    segment widths summing to N. -> (plan, arguments, y) of sparse_gemv_kernel's launch, y: [M, N]
     in x's dtype (out if given).
 
     Fused around the product (ops.sparse_linear documents them): norm_weight (the input is
@@ -458,11 +477,11 @@ def gemv_call(x, data, thresholds, splits, config=None, out=None, norm_weight=No
     args = (x, data, x if scales is None else scales, x if zeros is None else zeros, thresholds, y, partials, counters, index, value,
             x if norm_weight is None else norm_weight, x if residual is None else residual, counters if kept is None else kept,
             x.shape[0], plan.K, *plan.scalars, eps, x.stride(0), y.stride(0), thresholds.stride(0))
-    return plan.grid, args, plan.meta, y
+    return plan, args, y
 
 
 def sparse_gemv(*args, **kwargs):
     """gemv_call's arguments; launches the kernel and returns y."""
-    grid, kernel_args, meta, y = gemv_call(*args, **kwargs)
-    sparse_gemv_kernel[grid](*kernel_args, **meta)
+    plan, kernel_args, y = gemv_call(*args, **kwargs)
+    plan.launch(kernel_args)
     return y

@@ -133,7 +133,10 @@ class PackedWeight(nn.Module):
 
     def kernel_tensors(self):
         """-> (data, scales, zeros, group_size) as the kernel takes them (None, 0 where unused)."""
-        return self.data, getattr(self, "scales", None), getattr(self, "zeros", None), self.group_size or 0
+        # From _buffers: a missing attribute of a Module raises inside __getattr__, which costs an
+        # eager call more host time than the rest of its launch.
+        buffers = self._buffers
+        return buffers["data"], buffers.get("scales"), buffers.get("zeros"), self.group_size or 0
 
     def _segment_starts(self):
         return [sum(self.splits[:i]) for i in range(len(self.splits))]

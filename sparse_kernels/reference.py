@@ -6,6 +6,9 @@ import torch.nn.functional as F
 
 def segment_thresholds(thresholds, splits, device):
     """thresholds (float, 0-d or [n_segments]) -> fp32 [n_segments] on device."""
+    if isinstance(thresholds, torch.Tensor) and thresholds.shape == (len(splits),) and thresholds.dtype == torch.float32 \
+            and thresholds.device == device:
+        return thresholds  # the model's own: nothing to convert (a few microseconds an eager call)
     t = torch.as_tensor(thresholds, dtype=torch.float32, device=device).reshape(-1)
     if t.numel() == 1 and len(splits) > 1:
         t = t.expand(len(splits))

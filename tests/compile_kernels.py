@@ -62,13 +62,13 @@ def gemv_variant(fmt, form, compact):
     data, scales, zeros, group = pw.kernel_tensors()
     x = torch.randn(M, 2 * K if kw.get("swiglu") else K, dtype=dtype)
     config = gemv.Config(block_n=32, block_k=16, rows_per_program=64, num_warps=4, compact=compact)
-    grid, args, meta, _ = gemv.gemv_call(
+    plan, args, _ = gemv.gemv_call(
         x, data, torch.zeros(len(splits)), splits, config=config, swiglu=kw.get("swiglu", False),
         norm_weight=torch.ones(K, dtype=dtype) if kw.get("norm") else None, eps=1e-5,
         residual=torch.zeros(M, N, dtype=dtype) if kw.get("residual") else None,
         kept=torch.zeros(len(splits), dtype=torch.int64) if kw.get("count") else None,
         scales=scales, zeros=zeros, group_size=group)
-    compile_for_gpu(gemv.sparse_gemv_kernel, args, gpu_meta(meta, data.dtype))
+    compile_for_gpu(gemv.sparse_gemv_kernel, args, gpu_meta(plan.meta, data.dtype))
 
 
 def attention_variant(dtype):
