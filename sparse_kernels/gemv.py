@@ -96,16 +96,17 @@ def _load_weights(w_ptr, rows, cols, byte_cols, row_ok, col_ok, byte_ok, N, NB, 
 
 
 @triton.jit
-def _load_group(s_ptr, z_ptr, group, cols, row_ok, col_ok, N, WFMT: tl.constexpr, ROW_GROUPS: tl.constexpr):
-    """int4: (scale, zero) in fp32 of group `group`: a scalar (one row of scales and zeros, [1, BLOCK_N])
-    or, with ROW_GROUPS, [BLOCK_K] (one a row, [BLOCK_K, BLOCK_N]). Other formats: unused zeros."""
+def _load_group(s_ptr, z_ptr, group, pairs, row_ok, pair_ok, N, WFMT: tl.constexpr, ROW_GROUPS: tl.constexpr):
+    """int4: (scale, zero) in fp32 of group `group` at the columns `pairs` ([BLOCK_N // 2, 2], as
+    _dequantize lays a tile out): a scalar group (one row of scales and zeros, [1, BLOCK_N // 2, 2])
+    or, with ROW_GROUPS, [BLOCK_K] (one a row, [BLOCK_K, BLOCK_N // 2, 2]). Other formats: unused zeros."""
     if WFMT == 2:
         if ROW_GROUPS:
-            ok = row_ok[:, None] & col_ok[None, :]
-            offs = group[:, None] * N + cols[None, :]
+            ok = row_ok[:, None, None] & pair_ok[None, :, :]
+            offs = group[:, None, None] * N + pairs[None, :, :]
         else:
-            ok = col_ok[None, :]
-            offs = group * N + cols[None, :]
+            ok = pair_ok[None, :, :]
+            offs = group * N + pairs[None, :, :]
         scale = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + offs, mask=ok, other=0).to(tl.float32)
     else:
@@ -114,15 +115,38 @@ def _load_group(s_ptr, z_ptr, group, cols, row_ok, col_ok, N, WFMT: tl.constexpr
 
 
 @triton.jit
-def _dequantize(w, s, z, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WFMT: tl.constexpr):
-    """A stored tile -> fp32 [BLOCK_K, BLOCK_N]: float and int8 as they are (int8's scale comes
-    after the sum), int4 (q - zero) * scale, column 2i being byte i's low nibble."""
+def _dequantize(w, s, z, WFMT: tl.constexpr):
+    """A stored tile -> fp32: float and int8 [BLOCK_K, BLOCK_N] as they are (int8's scale comes
+    after the sum); int4 (q - zero) * scale as [BLOCK_K, BLOCK_N // 2, 2], column 2i + j at [:, i, j]
+    (byte i's low nibble for j = 0). Left unreshaped, a nibble stays in the thread that loaded its
+    byte: a [BLOCK_K, BLOCK_N] tile would pass through shared memory every tile."""
     if WFMT == 2:
-        q = tl.join(w & 15, w >> 4).reshape(BLOCK_K, BLOCK_N)
-        tile = (q.to(tl.float32) - z) * s
+        s_lo, s_hi = tl.split(s)
+        z_lo, z_hi = tl.split(z)
+        tile = tl.join(((w & 15).to(tl.float32) - z_lo) * s_lo, ((w >> 4).to(tl.float32) - z_hi) * s_hi)
     else:
         tile = w.to(tl.float32)
     return tile
+
+
+@triton.jit
+def _acc_zeros(BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WFMT: tl.constexpr):
+    """fp32 zeros shaped as _dequantize's tiles."""
+    if WFMT == 2:
+        acc = tl.zeros([BLOCK_K, BLOCK_N // 2, 2], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _times_rows(x, tile, WFMT: tl.constexpr):
+    """x [BLOCK_K] times each row of a _dequantize tile."""
+    if WFMT == 2:
+        out = x[:, None, None] * tile
+    else:
+        out = x[:, None] * tile
+    return out
 
 
 @triton.jit
@@ -164,6 +188,9 @@ def sparse_gemv_kernel(
     t = tl.load(t_ptr + seg * stride_t)
     cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < col_end
+    evens = col_start + 2 * tl.arange(0, BLOCK_N // 2)
+    pairs = tl.join(evens, evens + 1)  # [BLOCK_N // 2, 2]: int4 columns as _dequantize lays them out
+    pair_ok = pairs < col_end
     # int4: byte i of this block's columns holds columns 2i and 2i + 1 (blocks start even in a segment).
     local_bytes = (col_start - seg_start) // 2 + tl.arange(0, BLOCK_N // 2)  # [BLOCK_N // 2]
     byte_cols = tl.where(seg == 0, 0, tl.where(seg == 1, byte1, byte2)) + local_bytes
@@ -190,24 +217,24 @@ def sparse_gemv_kernel(
         # so a tile's rows are in flight while the previous tile is summed. Active rows come from
         # any group: int4 reads a row of scales and zeros a row (cached: neighbours share groups).
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        acc = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
         idx = tl.load(index_ptr + scratch + ks, mask=ks < n_active, other=0)
         val = tl.load(value_ptr + scratch + ks, mask=ks < n_active, other=0.0)
         w = _load_weights(w_ptr, idx, cols, byte_cols, ks < n_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-        s, z = _load_group(s_ptr, z_ptr, idx // GROUP, cols, ks < n_active, col_ok, N, WFMT, True)
+        s, z = _load_group(s_ptr, z_ptr, idx // GROUP, pairs, ks < n_active, pair_ok, N, WFMT, True)
         nk = BLOCK_K + ks
         idx_next = tl.load(index_ptr + scratch + nk, mask=nk < n_active, other=0)
         val_next = tl.load(value_ptr + scratch + nk, mask=nk < n_active, other=0.0)
         for j in range(0, n_active, BLOCK_K):
             nk = j + BLOCK_K + ks  # [BLOCK_K] slots of the next tile
             w_next = _load_weights(w_ptr, idx_next, cols, byte_cols, nk < n_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-            s_next, z_next = _load_group(s_ptr, z_ptr, idx_next // GROUP, cols, nk < n_active, col_ok, N, WFMT, True)
+            s_next, z_next = _load_group(s_ptr, z_ptr, idx_next // GROUP, pairs, nk < n_active, pair_ok, N, WFMT, True)
             nnk = nk + BLOCK_K
             idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_active, other=0)
             val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_active, other=0.0)
-            acc += val[:, None] * _dequantize(w, s, z, BLOCK_K, BLOCK_N, WFMT)
+            acc += _times_rows(val, _dequantize(w, s, z, WFMT), WFMT)
             w, s, z, val, idx_next, val_next = w_next, s_next, z_next, val_next, idx_after, val_after
-        part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
+        part = tl.sum(acc, axis=0).reshape(BLOCK_N)[None, :]  # [1, BLOCK_N]: once a program
     elif BLOCK_M == 1:
         if PROLOGUE != 0:
             # The prologue once for the whole range, into this program's scratch slots: the loop
@@ -223,22 +250,24 @@ def sparse_gemv_kernel(
         # Weights run one tile ahead of the sum: a tile's active rows are in flight while the
         # previous tile is summed. A tile lies in one int4 group: rows_per_split and BLOCK_K divide by it.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        acc = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
         rows = row_start + ks
         x = tl.load(src + rows, mask=rows < row_end, other=0.0).to(tl.float32)
         active = (tl.abs(x) > t) & (rows < row_end)
         w = _load_weights(w_ptr, rows, cols, byte_cols, active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-        s, z = _load_group(s_ptr, z_ptr, row_start // GROUP, cols, active, col_ok, N, WFMT, False)
+        s, z = _load_group(s_ptr, z_ptr, row_start // GROUP, pairs, active, pair_ok, N, WFMT, False)
         for k in range(row_start, row_end, BLOCK_K):
             rows_next = k + BLOCK_K + ks  # [BLOCK_K]
             x_next = tl.load(src + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
             active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
             w_next = _load_weights(w_ptr, rows_next, cols, byte_cols, active_next, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-            s_next, z_next = _load_group(s_ptr, z_ptr, (k + BLOCK_K) // GROUP, cols, active_next, col_ok, N, WFMT, False)
+            # The last tile's next group is past the scales: clamped, so its (unused) load stays inside.
+            group_next = tl.minimum(k + BLOCK_K, K - 1) // GROUP
+            s_next, z_next = _load_group(s_ptr, z_ptr, group_next, pairs, active_next, pair_ok, N, WFMT, False)
             # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
-            acc += tl.where(active, x, 0.0)[:, None] * _dequantize(w, s, z, BLOCK_K, BLOCK_N, WFMT)
+            acc += _times_rows(tl.where(active, x, 0.0), _dequantize(w, s, z, WFMT), WFMT)
             x, active, w, s, z = x_next, active_next, w_next, s_next, z_next
-        part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]
+        part = tl.sum(acc, axis=0).reshape(BLOCK_N)[None, :]  # [1, BLOCK_N]: once a program
         if COUNT:
             kept = tl.zeros([], dtype=tl.int32)
             if pid_n == first_block:
@@ -257,12 +286,13 @@ def sparse_gemv_kernel(
             active = (tl.abs(x.to(tl.float32)) > t) & x_ok
             any_active = tl.max(active.to(tl.int32), axis=0) > 0  # [BLOCK_K]: union over x's rows
             w = _load_weights(w_ptr, rows, cols, byte_cols, any_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-            s, z = _load_group(s_ptr, z_ptr, k // GROUP, cols, any_active, col_ok, N, WFMT, False)
+            s, z = _load_group(s_ptr, z_ptr, k // GROUP, pairs, any_active, pair_ok, N, WFMT, False)
             xm = tl.where(active, x, 0.0)
             if DOT_FP32 or WFMT != 0:
                 # fp32 products: fp32 weights and dequantized ones (rounding them to x's dtype would
                 # change the weight); the interpreter's tl.dot cannot multiply bf16 (numpy has none).
-                acc = tl.dot(xm.to(tl.float32), _dequantize(w, s, z, BLOCK_K, BLOCK_N, WFMT), acc, input_precision="ieee")  # not tf32
+                tile = _dequantize(w, s, z, WFMT).reshape(BLOCK_K, BLOCK_N)
+                acc = tl.dot(xm.to(tl.float32), tile, acc, input_precision="ieee")  # not tf32
             else:
                 acc = tl.dot(xm.to(w.dtype), w, acc)
         part = acc  # [BLOCK_M, BLOCK_N]

@@ -21,21 +21,27 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", t
 
 def compile_for_gpu(kernel, args, meta):
     """triton.compile of kernel at these arguments for TARGET: tensors as pointers of their dtype,
-    ints as i32, floats as fp32, meta's constexprs as they are."""
+    ints as i32, floats as fp32, meta's constexprs as they are; pointers and ints divisible by 16
+    marked so, as the JIT specializes them on a GPU (what lets the compiler vectorize loads)."""
     names = kernel.arg_names
-    signature, constexprs = {}, {}
-    for name, arg in zip(names, args):
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, arg) in enumerate(zip(names, args)):
         if isinstance(arg, torch.Tensor):
             signature[name] = "*" + TYPES[arg.dtype]
+            aligned = arg.data_ptr() % 16 == 0
         else:
             signature[name] = "fp32" if isinstance(arg, float) else "i32"
+            aligned = isinstance(arg, int) and arg % 16 == 0
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     for name, value in meta.items():
         if name not in OPTIONS:
             signature[name] = "constexpr"
             constexprs[(names.index(name),)] = value
     assert len(signature) == len(names), f"unbound arguments: {set(names) - set(signature)}"
     options = {k: v for k, v in meta.items() if k in OPTIONS}
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=TARGET, options=options)
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), target=TARGET,
+                          options=options)
 
 
 def gpu_meta(meta, weight_dtype):
