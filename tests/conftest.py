@@ -10,20 +10,31 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# Triton builds its own helpers (tl.sum, tl.cdiv, ...) for the interpreter or for a GPU when it is
+# first imported, so sparse_kernels' kernels are built here, before any test imports triton: for the
+# interpreter on a machine without a GPU, compiled for the GPU on one with (whatever TRITON_INTERPRET
+# says), so that the GPU tests (-m cuda) run compiled kernels and the interpreter tests skip there.
+# The variable is then restored: only tests that set TRITON_INTERPRET=1 send CPU tensors through the
+# (slow) interpreter; the rest keep the torch reference path.
+before = os.environ.pop("TRITON_INTERPRET", None)
 if not torch.cuda.is_available():
-    # Triton builds its own helpers (tl.sum, tl.cdiv, ...) for the interpreter or for a GPU when it is
-    # first imported, so sparse_kernels' kernel is built for the interpreter here, before any test
-    # imports triton. The variable is then restored: only tests that set TRITON_INTERPRET=1 send CPU
-    # tensors through the (slow) interpreter; the rest keep the torch reference path.
-    before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    import sparse_kernels.attention  # noqa: F401  (imports triton)
-    import sparse_kernels.gemv  # noqa: F401
+import sparse_kernels.attention  # noqa: E402, F401  (imports triton)
+import sparse_kernels.gemv  # noqa: E402, F401
 
-    if before is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = before
+os.environ.pop("TRITON_INTERPRET", None)
+if before is not None:
+    os.environ["TRITON_INTERPRET"] = before
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda (tests/test_gpu.py) skip on a machine without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run them there: python -m pytest -m cuda -q)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -42,8 +42,9 @@ def small_tiles(attention, monkeypatch):
 
 
 def rd(x, dtype):
-    """fp32 -> dtype as the interpreter rounds: to nearest, but bf16 toward zero (dropped bits)."""
-    if dtype == torch.bfloat16:
+    """fp32 -> dtype as the kernel rounds: to nearest, but bf16 toward zero on the CPU (the
+    interpreter drops the bits)."""
+    if dtype == torch.bfloat16 and x.device.type == "cpu":
         return (x.view(torch.int32) & -65536).view(torch.float32).to(dtype)  # exact: low bits are zero
     return x.to(dtype)
 
@@ -86,19 +87,19 @@ def bits(t):
     return t.view(BITS[t.dtype])
 
 
-def run_and_check(att, B, heads, S, D, pos, fmt):
+def run_and_check(att, B, heads, S, D, pos, fmt, device="cpu"):
     n_head, n_kv_head = heads
-    dtype = DTYPES[fmt]
+    dtype, device = DTYPES[fmt], torch.device(device)
     torch.manual_seed(S + pos)
-    qkv, k_cache, v_cache, cos, sin = inputs(B, n_head, n_kv_head, S, D, pos, dtype)
+    qkv, k_cache, v_cache, cos, sin = (t.to(device) for t in inputs(B, n_head, n_kv_head, S, D, pos, dtype))
     ref, k_after, v_after = reference(qkv, k_cache, v_cache, cos, sin, pos, n_head, n_kv_head)
-    att.warm_up_attention(B, n_head, S, D, "cpu")  # the call below then keeps these buffers
-    partials, counters = att.workspace.get(torch.device("cpu"), partials=1, counters=1)
+    att.warm_up_attention(B, n_head, S, D, device)  # the call below then keeps these buffers
+    partials, counters = att.workspace.get(device, partials=1, counters=1)
     partials.fill_(math.nan)  # a partial read before it is written fails
     # y's rows, then one more: a padding row stored past the last q head would land there.
-    poisoned = torch.full((B + 1, n_head * D), math.nan, dtype=dtype)
+    poisoned = torch.full((B + 1, n_head * D), math.nan, dtype=dtype, device=device)
     out = poisoned[:B]
-    pos_t = torch.tensor([pos], dtype=torch.int32 if pos % 2 else torch.int64)
+    pos_t = torch.tensor([pos], dtype=torch.int32 if pos % 2 else torch.int64, device=device)
     y = att.decode_attention(qkv, k_cache, v_cache, cos, sin, pos_t, n_head, n_kv_head, out=out)
 
     assert y.data_ptr() == out.data_ptr() and y.dtype == dtype and y.shape == ref.shape
@@ -106,11 +107,11 @@ def run_and_check(att, B, heads, S, D, pos, fmt):
     err = ((y.double() - ref).norm() / ref.norm()).item()
     assert err < TOLERANCE[fmt], err
     assert poisoned[B].isnan().all(), "nothing stored past y"
-    used = att.attention_workspace_sizes(B, n_head, S, D, torch.device("cpu"), n_kv_head)["partials"]
+    used = att.attention_workspace_sizes(B, n_head, S, D, device, n_kv_head)["partials"]
     assert partials[used:].isnan().all(), "nothing stored past the partials these shapes need"
     assert (counters == 0).all(), "the last program of each kv head resets its counter"
     # Every slot but pos unchanged (NaN included), bitwise.
-    others = torch.arange(S) != pos
+    others = torch.arange(S, device=device) != pos
     assert torch.equal(bits(k_cache[:, :, others]), bits(k_after[:, :, others]))
     assert torch.equal(bits(v_cache[:, :, others]), bits(v_after[:, :, others]))
     assert torch.equal(bits(v_cache[:, :, pos]), bits(v_after[:, :, pos]))

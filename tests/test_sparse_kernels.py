@@ -30,7 +30,7 @@ def triton_interpreter():
 
 def reference(x, W, thresholds, splits):
     """float64 (x * (|x| > t_s)) @ W_s.T per segment; the comparison in fp32 as the contract says."""
-    t = torch.as_tensor(thresholds, dtype=torch.float32).reshape(-1).expand(len(splits))
+    t = torch.as_tensor(thresholds, dtype=torch.float32, device=x.device).reshape(-1).expand(len(splits))
     keep = x.float().abs().unsqueeze(-2) > t[:, None]  # [..., n_segments, in]
     xs = torch.where(keep, x.double().unsqueeze(-2), 0.0)
     parts = [xs[..., i, :] @ Wi.double().t() for i, Wi in enumerate(W.split(list(splits)))]
@@ -240,8 +240,8 @@ def test_setup_caches_sizes_the_workspace_before_decode(triton_interpreter):
 # of the platform the kernel runs on; the float64 product of that input is then the reference.
 
 
-def kernel_rounding(dtype):
-    if dtype == torch.bfloat16:  # the interpreter's cast: drop the low 16 bits of the fp32
+def kernel_rounding(dtype, device):
+    if dtype == torch.bfloat16 and device.type == "cpu":  # the interpreter's cast: drop the low 16 bits of the fp32
         return lambda v: (v.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
     return lambda v: v.to(dtype).float()
 
@@ -264,15 +264,17 @@ def midpoint_thresholds(x, quantiles):
     return torch.tensor([((v[int(q * (len(v) - 1))] + v[int(q * (len(v) - 1)) + 1]) / 2).item() for q in quantiles])
 
 
-def fused_case(fmt, in_f, splits, prologue, rows=1, seed=0):
-    """-> x, kwargs of sparse_linear, W, thresholds, residual."""
+def fused_case(fmt, in_f, splits, prologue, rows=1, seed=0, device="cpu"):
+    """-> x, kwargs of sparse_linear, W, thresholds, residual (made on the CPU, then moved to device)."""
     torch.manual_seed(seed)
     dtype = DTYPES[fmt]
     x = (torch.randn(rows, 2 * in_f if prologue == "swiglu" else in_f) * 3).to(dtype)
     kwargs = {"norm": dict(norm_weight=(torch.rand(in_f) + 0.5).to(dtype), norm_eps=1e-5),
               "swiglu": dict(swiglu=True), "none": {}}[prologue]
     t = midpoint_thresholds(projection_input(x, **kwargs), [0.2, 0.55, 0.9][:len(splits)])
-    return x, kwargs, torch.randn(sum(splits), in_f).to(dtype), t, torch.randn(rows, sum(splits)).to(dtype)
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    W, res = torch.randn(sum(splits), in_f).to(dtype), torch.randn(rows, sum(splits)).to(dtype)
+    return x.to(device), kwargs, W.to(device), t.to(device), res.to(device)
 
 
 @pytest.mark.parametrize("fmt", DTYPES)
@@ -282,7 +284,7 @@ def test_fused_decode_matches_float64(loop, fmt, prologue, in_f, splits):
     """One row: prologue, product, residual add and kept count in one launch, against the float64
     product of the input the kernel should make, plus the residual; outputs and scratch poisoned."""
     x, kwargs, W, t, res = fused_case(fmt, in_f, splits, prologue)
-    xin = kernel_input(x, kwargs, kernel_rounding(x.dtype))
+    xin = kernel_input(x, kwargs, kernel_rounding(x.dtype, x.device))
     pw = pack_weight(W, fmt, splits)
     kept = torch.full((len(splits),), 5, dtype=torch.int64)
     poison_workspace(loop)
@@ -429,7 +431,7 @@ def test_quantized_fused_decode_matches_float64(loop, fmt, prologue):
     in_f, splits = 100, (37, 20, 20)
     x, kwargs, W, t, res = fused_case("bf16", in_f, splits, prologue)
     pw, Wq = quantized(fmt, W.float(), splits, torch.bfloat16)
-    xin = kernel_input(x, kwargs, kernel_rounding(x.dtype))
+    xin = kernel_input(x, kwargs, kernel_rounding(x.dtype, x.device))
     kept = torch.zeros(len(splits), dtype=torch.int64)
     poison_workspace(loop)
     data, scales, zeros, group = pw.kernel_tensors()
