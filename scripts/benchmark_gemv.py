@@ -19,6 +19,7 @@ call is the intercept of a least-squares line of time against bytes over its spa
 import argparse
 import math
 import re
+import statistics
 import time
 
 import torch
@@ -261,7 +262,8 @@ def sweep(args, device):
 
 def eager_host(args, device):
     """Host microseconds of one eager call (no torch.compile), the GPU work being small: the time to
-    enqueue 200 calls, over 200; sparse_linear, its torch custom op (what compile sees), torch.matmul."""
+    enqueue 200 calls, over 200, the median of 7 such rounds (the first rounds of a process run
+    slower); sparse_linear, its torch custom op (what compile sees), torch.matmul."""
     from sparse_kernels.ops import sparse_linear_op
 
     result = dict(**environment(device, "benchmark_gemv"), rows=[])
@@ -278,14 +280,15 @@ def eager_host(args, device):
                      "torch.matmul": lambda: torch.matmul(xb, W.t())}
             row = dict(format=label, shape=name)
             for k, fn in calls.items():
-                for _ in range(20):
-                    fn()
+                rounds = []
+                for _ in range(7):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(200):
+                        fn()
+                    rounds.append((time.perf_counter() - t0) / 200 * 1e6)
                 torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(200):
-                    fn()
-                row[k] = (time.perf_counter() - t0) / 200 * 1e6
-                torch.cuda.synchronize()
+                row[k] = statistics.median(rounds)
             result["rows"].append(row)
             print(f"{label:9} {name:15} host us a call: " + "  ".join(f"{k} {row[k]:.1f}" for k in calls))
     save_json(args.out, result)

@@ -12,8 +12,13 @@ from sparse_kernels.packed import pack_weight
 # accumulators a thread, times rows per program, times the two loops.
 TILES = [(256, 32, 4), (256, 64, 8), (128, 64, 4), (512, 32, 8), (512, 16, 4), (1024, 16, 8)]
 ROWS_PER_PROGRAM = [128, 256, 512, 1024]
+# int4 tiles of the same shape hold a quarter of the bytes, so it also tries tiles of 128
+# accumulators a thread, to keep as many bytes in flight.
+INT4_TILES = [(512, 64, 8), (1024, 32, 8)]
 CANDIDATES = [Config(block_n=n, block_k=k, rows_per_program=r, num_warps=w, compact=c)
               for n, k, w in TILES for r in ROWS_PER_PROGRAM for c in (True, False)]
+INT4_CANDIDATES = CANDIDATES + [Config(block_n=n, block_k=k, rows_per_program=r, num_warps=w, compact=c)
+                                for n, k, w in INT4_TILES for r in ROWS_PER_PROGRAM for c in (True, False)]
 tune_log = []  # every (key, config, microseconds) tune() measured, for the benchmark's record
 
 
@@ -85,7 +90,7 @@ def tune(K, splits, fmt="bf16", group_size=None, rows=1, device="cuda", sparsiti
                      for _ in range(weight_copies(nbytes, device) - 1)]
     x = torch.randn(rows, K, device=device, dtype=dtype)
     best, best_time = None, float("inf")
-    for cfg in candidates or CANDIDATES:
+    for cfg in candidates or (INT4_CANDIDATES if fmt == "int4" else CANDIDATES):
         times = []
         for s in sparsities:
             t = torch.full((len(splits),), torch.quantile(x.float().abs().flatten(), s).item() if s > 0 else 0.0, device=device)
