@@ -96,10 +96,13 @@ def _load_weights(w_ptr, rows, cols, byte_cols, row_ok, col_ok, byte_ok, N, NB, 
 
 
 @triton.jit
-def _load_group(s_ptr, z_ptr, group, pairs, row_ok, pair_ok, N, WFMT: tl.constexpr, ROW_GROUPS: tl.constexpr):
-    """int4: (scale, zero) in fp32 of group `group` at the columns `pairs` ([BLOCK_N // 2, 2], as
+def _load_group(s_ptr, z_ptr, group, pairs, high, row_ok, pair_ok, N, WFMT: tl.constexpr, ROW_GROUPS: tl.constexpr):
+    """int4: fp32 (scale, offset) of group `group` at the columns `pairs` ([BLOCK_N // 2, 2], as
     _dequantize lays a tile out): a scalar group (one row of scales and zeros, [1, BLOCK_N // 2, 2])
-    or, with ROW_GROUPS, [BLOCK_K] (one a row, [BLOCK_K, BLOCK_N // 2, 2]). Other formats: unused zeros."""
+    or, with ROW_GROUPS, [BLOCK_K] (one a row, [BLOCK_K, BLOCK_N // 2, 2]). As _dequantize uses
+    them: a low nibble's column gets (scale, 2**23 + zero), a high one's (`high`) (scale / 16,
+    2**23 + 16 zero).
+    Other formats: unused zeros."""
     if WFMT == 2:
         if ROW_GROUPS:
             ok = row_ok[:, None, None] & pair_ok[None, :, :]
@@ -107,8 +110,8 @@ def _load_group(s_ptr, z_ptr, group, pairs, row_ok, pair_ok, N, WFMT: tl.constex
         else:
             ok = pair_ok[None, :, :]
             offs = group * N + pairs[None, :, :]
-        scale = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + offs, mask=ok, other=0).to(tl.float32)
+        scale = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32) * tl.where(high, 0.0625, 1.0)[None, :, :]
+        zero = 8388608.0 + tl.load(z_ptr + offs, mask=ok, other=0).to(tl.float32) * tl.where(high, 16.0, 1.0)[None, :, :]
     else:
         scale, zero = 0.0, 0.0
     return scale, zero
@@ -116,14 +119,25 @@ def _load_group(s_ptr, z_ptr, group, pairs, row_ok, pair_ok, N, WFMT: tl.constex
 
 @triton.jit
 def _dequantize(w, s, z, WFMT: tl.constexpr):
-    """A stored tile -> fp32: float and int8 [BLOCK_K, BLOCK_N] as they are (int8's scale comes
-    after the sum); int4 (q - zero) * scale as [BLOCK_K, BLOCK_N // 2, 2], column 2i + j at [:, i, j]
-    (byte i's low nibble for j = 0). Left unreshaped, a nibble stays in the thread that loaded its
-    byte: a [BLOCK_K, BLOCK_N] tile would pass through shared memory every tile."""
+    """A stored tile -> fp32: float [BLOCK_K, BLOCK_N] as it is; int8 [BLOCK_K, BLOCK_N] as integers
+    (its scale comes after the sum); int4 (q - zero) * scale as [BLOCK_K, BLOCK_N // 2, 2], column
+    2i + j at [:, i, j] (byte i's low nibble for j = 0). Left unreshaped, a nibble stays in the thread
+    that loaded its byte: a [BLOCK_K, BLOCK_N] tile would pass through shared memory every tile.
+
+    Integers become floats without a conversion instruction (a quarter of the FMA rate, which left
+    the int4 kernel compute-bound): a byte b set into the mantissa of 2**23 reads as 2**23 + b, and
+    one exact subtraction leaves the integer (int8: b's sign bit flipped, then 2**23 + 128 off; int4:
+    the high nibble kept in place reads as 2**23 + 16 q, hence _load_group's scale / 16)."""
     if WFMT == 2:
+        b = w.to(tl.int32)  # uint8: zero-extended
         s_lo, s_hi = tl.split(s)
         z_lo, z_hi = tl.split(z)
-        tile = tl.join(((w & 15).to(tl.float32) - z_lo) * s_lo, ((w >> 4).to(tl.float32) - z_hi) * s_hi)
+        lo = ((b & 0x0F) | 0x4B000000).to(tl.float32, bitcast=True)
+        hi = ((b & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True)
+        tile = tl.join((lo - z_lo) * s_lo, (hi - z_hi) * s_hi)
+    elif WFMT == 1:
+        b = w.to(tl.uint8, bitcast=True).to(tl.int32)
+        tile = (b ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     else:
         tile = w.to(tl.float32)
     return tile
@@ -188,9 +202,11 @@ def sparse_gemv_kernel(
     t = tl.load(t_ptr + seg * stride_t)
     cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < col_end
-    evens = col_start + 2 * tl.arange(0, BLOCK_N // 2)
-    pairs = tl.join(evens, evens + 1)  # [BLOCK_N // 2, 2]: int4 columns as _dequantize lays them out
+    evens = 2 * tl.arange(0, BLOCK_N // 2)
+    halves = tl.join(evens, evens + 1)  # [BLOCK_N // 2, 2]: int4 columns as _dequantize lays them out
+    pairs = col_start + halves
     pair_ok = pairs < col_end
+    high = halves % 2 == 1  # the high nibble's columns (a segment, so a block, may start on an odd column)
     # int4: byte i of this block's columns holds columns 2i and 2i + 1 (blocks start even in a segment).
     local_bytes = (col_start - seg_start) // 2 + tl.arange(0, BLOCK_N // 2)  # [BLOCK_N // 2]
     byte_cols = tl.where(seg == 0, 0, tl.where(seg == 1, byte1, byte2)) + local_bytes
@@ -221,14 +237,14 @@ def sparse_gemv_kernel(
         idx = tl.load(index_ptr + scratch + ks, mask=ks < n_active, other=0)
         val = tl.load(value_ptr + scratch + ks, mask=ks < n_active, other=0.0)
         w = _load_weights(w_ptr, idx, cols, byte_cols, ks < n_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-        s, z = _load_group(s_ptr, z_ptr, idx // GROUP, pairs, ks < n_active, pair_ok, N, WFMT, True)
+        s, z = _load_group(s_ptr, z_ptr, idx // GROUP, pairs, high, ks < n_active, pair_ok, N, WFMT, True)
         nk = BLOCK_K + ks
         idx_next = tl.load(index_ptr + scratch + nk, mask=nk < n_active, other=0)
         val_next = tl.load(value_ptr + scratch + nk, mask=nk < n_active, other=0.0)
         for j in range(0, n_active, BLOCK_K):
             nk = j + BLOCK_K + ks  # [BLOCK_K] slots of the next tile
             w_next = _load_weights(w_ptr, idx_next, cols, byte_cols, nk < n_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-            s_next, z_next = _load_group(s_ptr, z_ptr, idx_next // GROUP, pairs, nk < n_active, pair_ok, N, WFMT, True)
+            s_next, z_next = _load_group(s_ptr, z_ptr, idx_next // GROUP, pairs, high, nk < n_active, pair_ok, N, WFMT, True)
             nnk = nk + BLOCK_K
             idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_active, other=0)
             val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_active, other=0.0)
@@ -255,7 +271,7 @@ def sparse_gemv_kernel(
         x = tl.load(src + rows, mask=rows < row_end, other=0.0).to(tl.float32)
         active = (tl.abs(x) > t) & (rows < row_end)
         w = _load_weights(w_ptr, rows, cols, byte_cols, active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-        s, z = _load_group(s_ptr, z_ptr, row_start // GROUP, pairs, active, pair_ok, N, WFMT, False)
+        s, z = _load_group(s_ptr, z_ptr, row_start // GROUP, pairs, high, active, pair_ok, N, WFMT, False)
         for k in range(row_start, row_end, BLOCK_K):
             rows_next = k + BLOCK_K + ks  # [BLOCK_K]
             x_next = tl.load(src + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
@@ -263,7 +279,7 @@ def sparse_gemv_kernel(
             w_next = _load_weights(w_ptr, rows_next, cols, byte_cols, active_next, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
             # The last tile's next group is past the scales: clamped, so its (unused) load stays inside.
             group_next = tl.minimum(k + BLOCK_K, K - 1) // GROUP
-            s_next, z_next = _load_group(s_ptr, z_ptr, group_next, pairs, active_next, pair_ok, N, WFMT, False)
+            s_next, z_next = _load_group(s_ptr, z_ptr, group_next, pairs, high, active_next, pair_ok, N, WFMT, False)
             # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
             acc += _times_rows(tl.where(active, x, 0.0), _dequantize(w, s, z, WFMT), WFMT)
             x, active, w, s, z = x_next, active_next, w_next, s_next, z_next
@@ -286,7 +302,7 @@ def sparse_gemv_kernel(
             active = (tl.abs(x.to(tl.float32)) > t) & x_ok
             any_active = tl.max(active.to(tl.int32), axis=0) > 0  # [BLOCK_K]: union over x's rows
             w = _load_weights(w_ptr, rows, cols, byte_cols, any_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-            s, z = _load_group(s_ptr, z_ptr, k // GROUP, pairs, any_active, pair_ok, N, WFMT, False)
+            s, z = _load_group(s_ptr, z_ptr, k // GROUP, pairs, high, any_active, pair_ok, N, WFMT, False)
             xm = tl.where(active, x, 0.0)
             if DOT_FP32 or WFMT != 0:
                 # fp32 products: fp32 weights and dequantized ones (rounding them to x's dtype would
