@@ -20,12 +20,14 @@ load, in model.load_weights). For a model of n_layer blocks:
 
 A quantized checkpoint (quantize.py) stores each projection segment as the canonical tensors of
 its format, <name>.weight plus <name>.scales (int8), and <name>.zeros (int4); sparse_kernels/packed.py
-documents them. Everything else stays float.
+documents them. With an int8 lm_head (quantize.py --lm-head) output.weight is int8 and
+output.scales beside it, even for a model whose float head is tied to the embedding. Everything
+else stays float.
 
 Metadata (strings): format "teal-checkpoint", version, name, config (model.ModelArgs as JSON),
 fingerprint (of the canonical tensors: a thresholds file is tied to it), source and source_format
 (what it was converted from); quantization (JSON {"mode": "int8" | "int4", "group_size": G or
-null}) when the projections are quantized. A derived checkpoint (quantized, resharded) adds
+null, and "lm_head": "int8" when the head is too}) when the projections are quantized. A derived checkpoint (quantized, resharded) adds
 source_fingerprint, the fingerprint of the checkpoint it was made from: thresholds made for that
 one apply to it.
 """
@@ -194,8 +196,10 @@ def quantization_of(meta):
 
 
 def weight_format(quantization):
-    """-> Transformer's fmt and group_size keywords for a quantization (None: the dtype's float format)."""
-    return dict(fmt=quantization["mode"], group_size=quantization.get("group_size")) if quantization else {}
+    """-> Transformer's fmt, group_size and head keywords for a quantization (None: the dtype's float format)."""
+    if not quantization:
+        return {}
+    return dict(fmt=quantization["mode"], group_size=quantization.get("group_size"), head=quantization.get("lm_head"))
 
 
 def config_of(meta):

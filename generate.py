@@ -147,7 +147,9 @@ def bytes_per_token(model, sparsity):
     """Bytes a decode step reads: each projection's weight times its kept fraction (and all of its
     int8/int4 scales and zeros), plus lm_head. Norms, one embedding row and the KV cache are left
     out (under 1% at a few hundred tokens)."""
-    total = model.output.weight.numel() * model.output.weight.element_size()
+    head = model.packed_head()
+    weights = [model.output.weight] if head is None else [t for t in head.kernel_tensors()[:3] if t is not None]
+    total = sum(t.numel() * t.element_size() for t in weights)
     for layer, row in zip(model.layers, sparsity):
         for proj, cols in layer.projections():
             data, scales, zeros, _ = proj.weight.kernel_tensors()

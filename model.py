@@ -117,6 +117,22 @@ class Projection(nn.Module):
                              residual=residual, kept=self.kept if self.record else None)
 
 
+class Int8Head(nn.Module):
+    """lm_head with int8 weights (quantize.py --lm-head): a quarter of a bf16 head's bytes, the
+    step's largest single read. Never sparse: one token goes through the sparse kernel with every
+    input kept (the threshold is -inf), more tokens through the weight's dense product."""
+
+    def __init__(self, dim, vocab_size, dtype, device=None):
+        super().__init__()
+        self.weight = PackedWeight(vocab_size, dim, "int8", device=device, dtype=dtype)
+        self.register_buffer("keep_all", torch.full((1,), -math.inf, device=device), persistent=False)
+
+    def forward(self, x):
+        if x.shape[-2] == 1 and runs_triton(x.device):
+            return sparse_linear(x, self.weight, self.keep_all)
+        return self.weight(x)
+
+
 @contextmanager
 def observing(observers):
     """observers: {projection: fn(projection, input proper)}, set on the projections for the block."""
@@ -209,10 +225,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config, dtype=torch.float32, fmt=None, group_size=None, device=None):
+    def __init__(self, config, dtype=torch.float32, fmt=None, group_size=None, head=None, device=None):
         """Built directly in its dtype: thresholds stay fp32, so never call .to(dtype) on it.
         fmt: the projections' weight format (sparse_kernels.FORMATS; by default dtype's float one),
-        group_size: int4's."""
+        group_size: int4's; head: "int8" for an int8 lm_head (Int8Head, never tied), else float."""
         super().__init__()
         self.config = config
         fmt = fmt or {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
@@ -220,9 +236,12 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, dtype=dtype, device=device)
         self.layers = nn.ModuleList(Block(config, weights, dtype, device) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps, dtype, device)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False, dtype=dtype, device=device)
-        if config.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        if head == "int8":
+            self.output = Int8Head(config.dim, config.vocab_size, dtype, device)
+        else:
+            self.output = nn.Linear(config.dim, config.vocab_size, bias=False, dtype=dtype, device=device)
+            if config.tie_embeddings:
+                self.output.weight = self.tok_embeddings.weight
         self.record = False  # record_sparsity
         self.register_buffer("recorded_tokens", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         cos, sin = rope_table(config)
@@ -237,8 +256,8 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(batch_size, max_seq_length, self.config.n_kv_head, self.config.head_dim, dtype, device)
         # The kernels' shared workspace must exist before a CUDA graph is recorded: allocated during
         # torch.compile's warm-up run it would land in the graph's private pool, which refuses it.
-        for proj, _ in self.layers[0].projections():
-            warm_up(proj.weight, max_rows=batch_size)
+        for pw in [proj.weight for proj, _ in self.layers[0].projections()] + [w for w in [self.packed_head()] if w is not None]:
+            warm_up(pw, max_rows=batch_size)
         warm_up_attention(batch_size, self.config.n_head, max_seq_length, self.config.head_dim, device)
 
     def forward(self, idx, input_pos=None, sparse=None):
@@ -273,6 +292,10 @@ class Transformer(nn.Module):
         """(canonical prefix, Projection): a segment's tensors are named prefix.segment.part."""
         return [(name.rpartition(".")[0], m) for name, m in self.named_modules() if isinstance(m, Projection)]
 
+    def packed_head(self):
+        """The int8 head's PackedWeight (canonical tensors output.weight, output.scales), or None."""
+        return self.output.weight if isinstance(self.output, Int8Head) else None
+
     def canonical_shapes(self):
         """{canonical name: shape} of every tensor load_weights takes."""
         shapes = {name: tuple(p.shape) for name, p in self.named_parameters()}
@@ -280,6 +303,8 @@ class Transformer(nn.Module):
             for part, shape in proj.weight.canonical_shapes().items():
                 for seg, width in zip(proj.names, proj.weight.splits):
                     shapes[f"{prefix}.{seg}.{part}"] = (width, *shape[1:])
+        if self.packed_head() is not None:
+            shapes.update((f"output.{part}", shape) for part, shape in self.packed_head().canonical_shapes().items())
         return shapes
 
     @torch.no_grad()
@@ -294,6 +319,8 @@ class Transformer(nn.Module):
         for prefix, proj in self.named_projections():
             proj.weight.load({part: torch.cat([tensors[f"{prefix}.{seg}.{part}"] for seg in proj.names])
                               for part in proj.weight.canonical_shapes()})
+        if self.packed_head() is not None:
+            self.packed_head().load({part: tensors[f"output.{part}"] for part in self.packed_head().canonical_shapes()})
         return self
 
     def canonical_weights(self):
@@ -302,6 +329,8 @@ class Transformer(nn.Module):
         for prefix, proj in self.named_projections():
             for part, t in proj.weight.canonical().items():
                 out.update((f"{prefix}.{seg}.{part}", s) for seg, s in zip(proj.names, t.split(list(proj.weight.splits))))
+        if self.packed_head() is not None:
+            out.update((f"output.{part}", t) for part, t in self.packed_head().canonical().items())
         return out
 
     def set_thresholds(self, thresholds):

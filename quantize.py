@@ -3,10 +3,13 @@
     python quantize.py --checkpoint DIR --mode int8                  # -> DIR-int8
     python quantize.py --checkpoint DIR --mode int4 --group-size 128 # -> DIR-int4-g128
     python quantize.py --mode int8                                   # the bundled model
+    python quantize.py --checkpoint DIR --mode int8 --lm-head        # lm_head in int8 too
 
 Every projection (q, k, v, o, gate, up, down) is quantized by round-to-nearest
 (sparse_kernels.quantize: int8 one scale per output channel; int4 a scale and a zero per group of
-input channels); embeddings, norms and lm_head stay as they are. The output directory holds the
+input channels); with --lm-head, lm_head too, in int8 (never sparse, it is the largest single read
+of a decode step: an eighth of a Llama-3-8B step's bytes at 50% sparsity). Embeddings and norms
+stay as they are. The output directory holds the
 tokenizer, the source's thresholds file if it has one, and model.safetensors written last and
 atomically; its metadata records the source's fingerprint, so the source's thresholds apply
 unchanged (sparsity is measured on the activations, which quantization barely moves).
@@ -35,10 +38,15 @@ def is_projection(name):
     return name.startswith("layers.") and name.rsplit(".", 2)[-2] in ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def quantize_tensors(tensors, mode, group_size=None, device="cpu"):
+def quantize_tensors(tensors, mode, group_size=None, device="cpu", head=False):
     """Canonical float tensors -> the same with every projection's weight quantized (its name.weight
-    replaced by the format's canonical tensors, name.scales and name.zeros beside it)."""
+    replaced by the format's canonical tensors, name.scales and name.zeros beside it); with head,
+    lm_head in int8 as output.weight and output.scales (a tied head: a quantized copy of the embedding)."""
     out = {}
+    if head:
+        W = tensors.get("output.weight", tensors["tok_embeddings.weight"])
+        out.update((f"output.{part}", t.cpu()) for part, t in quantize(W.to(device), "int8").items())
+        tensors = {k: v for k, v in tensors.items() if k != "output.weight"}
     names = sorted(tensors)
     for name in tqdm(names, desc=f"quantize {mode}", unit="tensor", file=sys.stderr):
         if not is_projection(name):
@@ -53,7 +61,8 @@ def quantize_tensors(tensors, mode, group_size=None, device="cpu"):
 @torch.no_grad()
 def quantize_model(model, mode, group_size=None):
     """Quantize a model's projections in place (a model built on the GPU with random weights, as
-    the decode benchmark builds them): each fused weight at once, its rows being independent."""
+    the decode benchmark builds them): each fused weight at once, its rows being independent.
+    lm_head stays as it is."""
     for proj in model.projections():
         pw = proj.weight
         quantized = PackedWeight(pw.out_features, pw.in_features, mode, pw.splits, device=pw.data.device, dtype=pw.dtype,
@@ -98,15 +107,19 @@ class Int4Linear(nn.Module):
 
 def dense_baseline(model):
     """A quantized model's dense baseline, in place: each projection's PackedWeight replaced by
-    gpt-fast's int8 linear or tinygemm's int4 one, for decoding with sparse=False only."""
+    gpt-fast's int8 linear or tinygemm's int4 one, an int8 head by gpt-fast's int8 linear (as
+    gpt-fast quantizes its head), for decoding with sparse=False only."""
     for proj in model.projections():
         proj.weight = {"int8": Int8Linear, "int4": Int4Linear}[proj.weight.fmt](proj.weight)
+    if model.packed_head() is not None:
+        model.output = Int8Linear(model.packed_head())
     return model
 
 
-def suffix(mode, group_size):
-    """What a derived checkpoint's directory and name add to its source's: -int8, -int4-g128."""
-    return f"-{mode}" + (f"-g{group_size}" if mode == "int4" else "")
+def suffix(mode, group_size, head=False):
+    """What a derived checkpoint's directory and name add to its source's: -int8, -int4-g128, and
+    -head8 for an int8 lm_head."""
+    return f"-{mode}" + (f"-g{group_size}" if mode == "int4" else "") + ("-head8" if head else "")
 
 
 def parse_args(argv=None):
@@ -114,7 +127,9 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", type=Path, help="checkpoint dir or model.safetensors (default: the bundled model)")
     p.add_argument("--mode", required=True, help="int8 (per output channel) or int4 (per group of input channels)")
     p.add_argument("--group-size", type=int, help=f"int4: input channels a group, one of {', '.join(map(str, GROUP_SIZES))} (default: 128)")
-    p.add_argument("--out", type=Path, help="output directory (default: beside the source, named DIR-int8 or DIR-int4-g<G>)")
+    p.add_argument("--lm-head", action="store_true", help="quantize lm_head too, to int8 (default: it stays float)")
+    p.add_argument("--out", type=Path, help="output directory (default: beside the source, named DIR-int8 or DIR-int4-g<G>, "
+                                             "-head8 added with --lm-head)")
     p.add_argument("--device", default="cpu", help="where to compute the quantization (cpu, cuda)")
     p.add_argument("--force", action="store_true", help="quantize again even if --out already holds the result")
     args = p.parse_args(argv)
@@ -136,8 +151,9 @@ def main(argv=None):
     meta = checkpoint.read_metadata(source)
     if checkpoint.quantization_of(meta):
         raise UsageError(f"{source} is already quantized ({meta['quantization']}); quantize its float source instead")
-    quantization = {"mode": args.mode, "group_size": args.group_size}
-    out_dir = args.out or source.parent.with_name(source.parent.name + suffix(args.mode, args.group_size))
+    quantization = {"mode": args.mode, "group_size": args.group_size, **({"lm_head": "int8"} if args.lm_head else {})}
+    name = suffix(args.mode, args.group_size, args.lm_head)
+    out_dir = args.out or source.parent.with_name(source.parent.name + name)
     target = out_dir / checkpoint.FILE
     if target.is_file() and not args.force:
         done = checkpoint.read_metadata(target)
@@ -148,13 +164,13 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     tensors, _ = checkpoint.read_tensors(source)
-    quantized = quantize_tensors(tensors, args.mode, args.group_size, args.device)
+    quantized = quantize_tensors(tensors, args.mode, args.group_size, args.device, head=args.lm_head)
     out_dir.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)  # the directory reads as incomplete until the new weights land
     for name in TOKENIZER_FILES + ("thresholds.json",):
         if (source.parent / name).is_file():
             shutil.copyfile(source.parent / name, out_dir / name)
-    saved = checkpoint.save(target, quantized, checkpoint.config_of(meta), meta["name"] + suffix(args.mode, args.group_size),
+    saved = checkpoint.save(target, quantized, checkpoint.config_of(meta), meta["name"] + name,
                             quantization=quantization, source=meta["name"], source_format="teal-checkpoint",
                             source_fingerprint=meta["fingerprint"])
     before, after = (sum(t.numel() * t.element_size() for t in d.values()) for d in (tensors, quantized))

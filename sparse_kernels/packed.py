@@ -146,9 +146,12 @@ class PackedWeight(nn.Module):
         return dequantize(*self.kernel_tensors(), self.splits)
 
     def forward(self, x):
-        """Dense product x @ W.T, for prefill and the dense baseline (quantized: dequantized per call)."""
+        """Dense product x @ W.T, for prefill and the dense baseline (int8: the integers in x's dtype,
+        which holds them exactly, scaled after the product; int4: dequantized per call)."""
         if self.fmt in FLOAT_FORMATS:
             return x @ self.data
+        if self.fmt == "int8":
+            return ((x @ self.data.to(x.dtype)).float() * self.scales).to(x.dtype)
         return x @ self.dequantize().t().to(x.dtype)
 
     def extra_repr(self):

@@ -155,3 +155,53 @@ def test_a_quantized_bundled_model_generates_with_its_sources_thresholds(smollm2
     measured = float(err.split("measured sparsity ")[1].split()[0])
     assert "thresholds for sparsity 0.5 (greedy)" in err and abs(measured - 0.5) < 0.05, err
     assert len(text.split()) > 5
+
+
+def test_an_int8_head_is_written_loaded_and_tied_heads_copied(tiny, tmp_path):
+    """--lm-head: output.weight int8 and output.scales in the file, an Int8Head in the model whose
+    logits stay near the float model's; a tied head becomes a quantized copy of the embedding."""
+    from model import Int8Head, ModelArgs, Transformer
+
+    out = tmp_path / "q"
+    cli(quantize_cli.main, ["--checkpoint", str(tiny), "--mode", "int4", "--group-size", "32", "--lm-head", "--out", str(out)])
+    meta = checkpoint.read_metadata(out)
+    assert checkpoint.quantization_of(meta) == {"mode": "int4", "group_size": 32, "lm_head": "int8"} and out.name == "q"
+    tensors, _ = checkpoint.read_tensors(out / checkpoint.FILE)
+    assert tensors["output.weight"].dtype == torch.int8 and tensors["output.scales"].shape == (256,)
+    model, _ = checkpoint.load(out)
+    float_model, _ = checkpoint.load(tiny)
+    assert isinstance(model.output, Int8Head)
+    assert all(torch.equal(model.canonical_weights()[k], t) for k, t in tensors.items())
+    h = torch.randn(2, 3, model.config.dim)
+    ref = float_model.output(h)
+    assert (model.output(h) - ref).norm() / ref.norm() < 0.01
+
+    tied = Transformer(ModelArgs.from_name("tiny-tied"))
+    torch.nn.init.normal_(tied.tok_embeddings.weight)
+    canonical = {k: v for k, v in tied.canonical_weights().items()}
+    assert "output.weight" not in canonical
+    quantized = quantize_cli.quantize_tensors(canonical, "int8", head=True)
+    W = tied.tok_embeddings.weight.detach()
+    assert ((quantized["output.weight"].float() * quantized["output.scales"][:, None] - W).abs()
+            <= quantized["output.scales"][:, None] / 2 + 1e-6).all()
+
+
+def test_an_int8_head_decodes_through_the_kernel_as_its_dense_product(tmp_path):
+    """One token goes through the sparse kernel with every input kept (Triton interpreter), more
+    tokens through the dense product: both equal the float64 product of the dequantized weight
+    within bf16 rounding."""
+    from model import Int8Head
+    from sparse_kernels.ops import triton_interpret
+
+    head = Int8Head(96, 333, torch.bfloat16)
+    W = torch.randn(333, 96)
+    head.weight.load(quantize(W, "int8"))
+    x = torch.randn(1, 1, 96, dtype=torch.bfloat16) * 3
+    ref = x.double().reshape(1, 96) @ head.weight.dequantize().double().t()
+    dense = head(torch.cat([x, x], dim=1))[:, :1]  # two tokens: the dense product
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        assert triton_interpret()
+        kernel = head(x)
+    for y in (kernel, dense):
+        assert y.shape == (1, 1, 333) and ((y.double().reshape(1, 333) - ref).abs() <= 0.02 * ref.abs().max()).all()
