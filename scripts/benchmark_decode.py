@@ -8,6 +8,8 @@ during decode, not assumed. With --checkpoint, a real model and its thresholds f
 
     python -m scripts.benchmark_decode --model llama-3-8b
     python -m scripts.benchmark_decode --model llama-3-8b --weights bf16 int8 int4
+    python -m scripts.benchmark_decode --model llama-3-8b --weights bf16 int8 int4 --lm-head int8
+    python -m scripts.benchmark_decode --model llama-3-8b --weights int8 --tune   # GEMV configs tuned first
     python -m scripts.benchmark_decode --model llama-3-70b --weights int8 --sparsities 0.4,0.5,0.6
 
 Rows, for each format: its dense decode through plain torch (bf16: the model's own matmuls, the
@@ -33,23 +35,24 @@ from model import PROJECTIONS, ModelArgs, Transformer
 from quantize import dense_baseline
 from scripts.common import RESULTS, environment, save_figure, save_json
 from sparse_kernels import quantize
+from sparse_kernels import tuning
 from sparse_kernels.tuning import copy_bandwidth
 
 WEIGHTS = {"bf16": (None, None), "int8": ("int8", None), "int4": ("int4", 128)}
 
 
 @torch.no_grad()
-def random_model(name, dtype, device, fmt=None, group_size=None, seed=0):
+def random_model(name, dtype, device, fmt=None, group_size=None, head=None, seed=0):
     """Weights ~ N(0, 0.02), norms 1: a real shape with no checkpoint. Quantized formats take the
-    same float weights (same seed), quantized by round-to-nearest one projection at a time."""
+    same float weights (same seed), quantized by round-to-nearest one projection at a time (and
+    lm_head with head="int8")."""
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs.from_name(name), dtype=dtype, fmt=fmt, group_size=group_size, device=device)
+    model = Transformer(ModelArgs.from_name(name), dtype=dtype, fmt=fmt, group_size=group_size, head=head, device=device)
     for pname, p in model.named_parameters():
         p.fill_(1.0) if pname.endswith("norm.weight") else p.normal_(0.0, 0.02)
-    for proj in model.projections():
-        pw = proj.weight
+    for pw in [proj.weight for proj in model.projections()] + [w for w in [model.packed_head()] if w is not None]:
         W = torch.randn(pw.out_features, pw.in_features, device=device) * 0.02
-        pw.load(quantize(W, fmt, group_size) if fmt else {"weight": W})
+        pw.load(quantize(W, pw.fmt, group_size) if pw.quantized else {"weight": W})
     return model.eval()
 
 
@@ -191,6 +194,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="activations (and float weights)")
     p.add_argument("--weights", nargs="+", default=["bf16"], help="weight formats to build the random model in: bf16 int8 int4")
     p.add_argument("--group-size", type=int, default=128, help="int4's group size")
+    p.add_argument("--lm-head", choices=("float", "int8"), default="float", help="the int8 and int4 models' lm_head (default: float)")
+    p.add_argument("--tune", action="store_true", help="CUDA only: tune each projection's GEMV config first, in this process")
     p.add_argument("--method", choices=("greedy", "uniform"), default="greedy",
                    help="per-projection sparsities where the thresholds file has greedy rows (a random model's has none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -206,14 +211,27 @@ def parse_args(argv=None):
 
 
 def formats_of(args):
-    """--weights -> [(label, fmt, group size)]."""
+    """--weights -> [(label, fmt, group size, head)]: --lm-head int8 gives the quantized formats an
+    int8 head (label -head8); bf16 keeps its own, the reference every ratio is against."""
     out = []
     for w in args.weights:
         if w not in WEIGHTS:
             raise UsageError(f"--weights takes bf16, int8 and int4, got {w!r}")
         fmt, group = WEIGHTS[w]
-        out.append((w if fmt != "int4" else f"int4-g{args.group_size}", fmt, args.group_size if fmt == "int4" else None))
+        head = args.lm_head if fmt and args.lm_head == "int8" else None
+        label = (w if fmt != "int4" else f"int4-g{args.group_size}") + ("-head8" if head else "")
+        out.append((label, fmt, args.group_size if fmt == "int4" else None, head))
     return out
+
+
+def tune_projections(model, result):
+    """--tune: the GEMV config of each of the model's projection shapes in its weight format, tuned
+    in this process (sparse_kernels.tuning; it outranks the table), and recorded in the result."""
+    for proj, _ in tqdm(model.layers[0].projections(), desc="tune", unit="shape"):
+        pw = proj.weight
+        cfg = tuning.tune(pw.in_features, pw.splits, pw.fmt, pw.group_size, device=pw.data.device)
+        result.setdefault("tuned", []).append(dict(in_features=pw.in_features, splits=list(pw.splits), format=pw.fmt,
+                                                   config=repr(cfg)))
 
 
 def run_format(model, label, table, prompt, args, bandwidth, result, stem):
@@ -266,15 +284,17 @@ def main(argv=None):
         runs = [((quantization_of(meta) or {}).get("mode") or args.dtype, lambda m=model, t=table: (m, t))]
     else:
         runs = []
-        for label, fmt, group in formats_of(args):
-            def build(fmt=fmt, group=group):
-                m = random_model(args.model, dtype, device, fmt, group)
+        for label, fmt, group, head in formats_of(args):
+            def build(fmt=fmt, group=group, head=head):
+                m = random_model(args.model, dtype, device, fmt, group, head)
                 return m, random_thresholds(m, args.calibration_windows, args.calibration_length)
             runs.append((label, build))
     stem = Path(args.out) if args.out else RESULTS / f"decode_{result['model']}_{'_'.join(label for label, _ in runs)}"
     for label, build in runs:
         model, table = build()
         result["method"] = args.method if table.greedy is not None else "uniform"
+        if args.tune and device.startswith("cuda"):
+            tune_projections(model, result)
         model.setup_caches(1, cache_len)
         prompt = torch.randint(0, model.config.vocab_size, (args.prompt_tokens,), dtype=torch.int, device=device,
                                generator=torch.Generator(device).manual_seed(1))

@@ -87,6 +87,23 @@ def test_benchmark_decode_smoke(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0 and "| int8 sparse 0.5 |" in out.with_suffix(".md").read_text()
 
 
+def test_benchmark_decode_int8_head(tmp_path):
+    """--lm-head int8: the quantized formats' rows with an int8 head (label -head8) read fewer bytes."""
+    rows = {}
+    for head in ("float", "int8"):
+        out = tmp_path / head
+        done = subprocess.run([sys.executable, "-m", "scripts.benchmark_decode", "--model", "tiny", "--device", "cpu", "--no-compile",
+                               "--weights", "int8", "--lm-head", head, "--sparsities", "0.5", "--new-tokens", "4", "--runs", "1",
+                               "--calibration-windows", "4", "--calibration-length", "48", "--out", str(out)],
+                              cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows[head] = {r["variant"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert list(rows["int8"]) == ["int8-head8 t=0 (sparse kernels)", "int8-head8 sparse 0.5"]
+    float_head, int8_head = rows["float"]["int8 t=0 (sparse kernels)"], rows["int8"]["int8-head8 t=0 (sparse kernels)"]
+    vocab, dim = 256, 64  # the tiny config: a bf16 head of vocab x dim against int8 plus fp32 scales
+    assert float_head["bytes_per_token"] - int8_head["bytes_per_token"] == vocab * dim * 2 - (vocab * dim + vocab * 4)
+
+
 def test_prefill_is_dense_unless_asked(model):
     prompt = torch.tensor([3, 1, 4, 1, 5], dtype=torch.int)
     model.set_thresholds(thresholds_at(model, 0.6, seed=1))
