@@ -90,11 +90,12 @@ def profile_decode(model, decode, sparse, prompt, steps, device):
     from torch.profiler import ProfilerActivity, profile
 
     T = prompt.numel()
-    first = generate.prefill(model, prompt.view(1, -1), torch.arange(T, device=device), False, 0.0, None)
+    greedy = torch.zeros((), dtype=torch.float32, device=device)  # the tensor temperature generate() passes
+    first = generate.prefill(model, prompt.view(1, -1), torch.arange(T, device=device), False, greedy, None)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate.sync(device)
         t0 = time.perf_counter()
-        generate.decode_n_tokens(decode, model, first, torch.tensor([T], device=device), steps, sparse, 0.0, None)
+        generate.decode_n_tokens(decode, model, first, torch.tensor([T], device=device), steps, sparse, greedy, None)
         generate.sync(device)
         wall = time.perf_counter() - t0
     # Device kernels only: CPU-side ops would count the same work twice.

@@ -128,3 +128,12 @@ def test_benchmark_decode_on_a_real_checkpoint(tmp_path, smollm2_dir):
     assert result["model"] == "smollm2-135m-instruct" and result["method"] == "greedy"
     # 8 tokens after a random-token prompt, with thresholds calibrated on prose: near 0.5, not at it.
     assert 0.4 < result["rows"][-1]["measured_sparsity"] < 0.6
+
+
+def test_profile_decode_runs_the_step_it_profiles(model):
+    """The profiler path calls prefill and decode_n_tokens directly (as generate() does, with a tensor
+    temperature); on the CPU it sees no device kernels, but the step must run."""
+    from scripts.benchmark_decode import profile_decode
+    model.set_thresholds(torch.zeros(model.config.n_layer, 7))
+    prof = profile_decode(model, generate.decode_one_token, True, torch.tensor([3, 1, 4], dtype=torch.int), 3, "cpu")
+    assert prof["steps"] == 3 and prof["wall_us_per_step"] > 0
