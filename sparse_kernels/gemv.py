@@ -14,8 +14,8 @@ arriver) and count the active channels (one atomic per program of a segment's fi
 
 The weight format is a parameter (WFMT, packed.py documents the layouts), dequantized in registers:
 float tiles as they are; int8 tiles as integers, their column's scale applied once to the program's
-sum; int4 tiles of one group (a program's rows start on a group and a tile never straddles two), so
-the tile's (q - zero) * scale takes one row of scales and zeros. Products and sums are fp32.
+sum; int4 programs of one group each, whose tiles are summed as 1 + q / 16 and the group's zero
+and scale applied once to the program's sum. Products and sums are fp32.
 
 Imported only when a call runs on Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 so that TRITON_INTERPRET is read at first use rather than at `import sparse_kernels`.
@@ -96,51 +96,38 @@ def _load_weights(w_ptr, rows, cols, byte_cols, row_ok, col_ok, byte_ok, N, NB, 
 
 
 @triton.jit
-def _load_group(s_ptr, z_ptr, group, pairs, high, row_ok, pair_ok, N, WFMT: tl.constexpr, ROW_GROUPS: tl.constexpr):
-    """int4: fp32 (scale, offset) of group `group` at the columns `pairs` ([BLOCK_N // 2, 2], as
-    _dequantize lays a tile out): a scalar group (one row of scales and zeros, [1, BLOCK_N // 2, 2])
-    or, with ROW_GROUPS, [BLOCK_K] (one a row, [BLOCK_K, BLOCK_N // 2, 2]). As _dequantize uses
-    them: a low nibble's column gets (scale, 2**23 + zero), a high one's (`high`) (scale / 16,
-    2**23 + 16 zero).
-    Other formats: unused zeros."""
-    if WFMT == 2:
-        if ROW_GROUPS:
-            ok = row_ok[:, None, None] & pair_ok[None, :, :]
-            offs = group[:, None, None] * N + pairs[None, :, :]
-        else:
-            ok = pair_ok[None, :, :]
-            offs = group * N + pairs[None, :, :]
-        scale = tl.load(s_ptr + offs, mask=ok, other=0.0).to(tl.float32) * tl.where(high, 0.0625, 1.0)[None, :, :]
-        zero = 8388608.0 + tl.load(z_ptr + offs, mask=ok, other=0).to(tl.float32) * tl.where(high, 16.0, 1.0)[None, :, :]
-    else:
-        scale, zero = 0.0, 0.0
-    return scale, zero
-
-
-@triton.jit
-def _dequantize(w, s, z, WFMT: tl.constexpr):
+def _dequantize(w, WFMT: tl.constexpr):
     """A stored tile -> fp32: float [BLOCK_K, BLOCK_N] as it is; int8 [BLOCK_K, BLOCK_N] as integers
-    (its scale comes after the sum); int4 (q - zero) * scale as [BLOCK_K, BLOCK_N // 2, 2], column
-    2i + j at [:, i, j] (byte i's low nibble for j = 0). Left unreshaped, a nibble stays in the thread
-    that loaded its byte: a [BLOCK_K, BLOCK_N] tile would pass through shared memory every tile.
+    (its scale comes after the sum); int4 as 1 + q / 16, [BLOCK_K, BLOCK_N // 2, 2] with column
+    2i + j at [:, i, j] (byte i's low nibble for j = 0): the group's zero and scale come after the
+    sum (_int4_scale). Left unreshaped, a nibble stays in the thread that loaded its byte: a
+    [BLOCK_K, BLOCK_N] tile would pass through shared memory every tile.
 
-    Integers become floats without a conversion instruction (a quarter of the FMA rate, which left
-    the int4 kernel compute-bound): a byte b set into the mantissa of 2**23 reads as 2**23 + b, and
-    one exact subtraction leaves the integer (int8: b's sign bit flipped, then 2**23 + 128 off; int4:
-    the high nibble kept in place reads as 2**23 + 16 q, hence _load_group's scale / 16)."""
+    Integers become floats without a conversion instruction (a quarter of the FMA rate): bits set
+    into a float's mantissa read as that float plus the integer times their place. int8: b's sign
+    bit flipped into the mantissa of 2**23, then 2**23 + 128 off (exact). int4: each nibble moved to
+    mantissa bits 19-22 under 1.0's exponent, so a tile costs a shift, a logic op and an FMA an
+    element, and no per-column work at all (a thread holds few rows of many columns)."""
     if WFMT == 2:
         b = w.to(tl.int32)  # uint8: zero-extended
-        s_lo, s_hi = tl.split(s)
-        z_lo, z_hi = tl.split(z)
-        lo = ((b & 0x0F) | 0x4B000000).to(tl.float32, bitcast=True)
-        hi = ((b & 0xF0) | 0x4B000000).to(tl.float32, bitcast=True)
-        tile = tl.join((lo - z_lo) * s_lo, (hi - z_hi) * s_hi)
+        lo = (((b << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        hi = (((b << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        tile = tl.join(lo, hi)
     elif WFMT == 1:
         b = w.to(tl.uint8, bitcast=True).to(tl.int32)
         tile = (b ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     else:
         tile = w.to(tl.float32)
     return tile
+
+
+@triton.jit
+def _int4_scale(part, xsum, s_ptr, z_ptr, group, cols, col_ok, N):
+    """int4: a program's sums of x * (1 + q / 16) over its one group -> of x * (q - zero) * scale:
+    scale * (16 * (part - xsum) - zero * xsum), xsum the sum of the x it multiplied (per row of x)."""
+    scale = tl.load(s_ptr + group * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_N]
+    zero = tl.load(z_ptr + group * N + cols, mask=col_ok, other=0).to(tl.float32)[None, :]
+    return scale * (16.0 * (part - xsum) - zero * xsum)
 
 
 @triton.jit
@@ -182,12 +169,12 @@ def sparse_gemv_kernel(
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
     COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
     PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
-    WFMT: tl.constexpr, GROUP: tl.constexpr,
+    WFMT: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
     pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
     on the union of the rows' active channels). W: w_ptr, and for int8 its scales s_ptr [N], for
-    int4 its scales s_ptr and zeros z_ptr [K / GROUP, N]; NB: w_ptr's row length (int4: bytes,
+    int4 its scales s_ptr and zeros z_ptr [split_k, N] (a program's rows are one group); NB: w_ptr's row length (int4: bytes,
     segment s starting at byte (0, byte1, byte2)[s]; else N).
 
     BLOCK_M = 1 only: PROLOGUE makes the input from x inside the loads (_load_input), and COUNT
@@ -202,11 +189,6 @@ def sparse_gemv_kernel(
     t = tl.load(t_ptr + seg * stride_t)
     cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < col_end
-    evens = 2 * tl.arange(0, BLOCK_N // 2)
-    halves = tl.join(evens, evens + 1)  # [BLOCK_N // 2, 2]: int4 columns as _dequantize lays them out
-    pairs = col_start + halves
-    pair_ok = pairs < col_end
-    high = halves % 2 == 1  # the high nibble's columns (a segment, so a block, may start on an odd column)
     # int4: byte i of this block's columns holds columns 2i and 2i + 1 (blocks start even in a segment).
     local_bytes = (col_start - seg_start) // 2 + tl.arange(0, BLOCK_N // 2)  # [BLOCK_N // 2]
     byte_cols = tl.where(seg == 0, 0, tl.where(seg == 1, byte1, byte2)) + local_bytes
@@ -230,27 +212,28 @@ def sparse_gemv_kernel(
         kept = n_active
         tl.debug_barrier()  # phase 2's threads read slots that other threads wrote
         # Phase 2: BLOCK_K active rows a tile. Weights run one tile ahead of the sum, indices two,
-        # so a tile's rows are in flight while the previous tile is summed. Active rows come from
-        # any group: int4 reads a row of scales and zeros a row (cached: neighbours share groups).
+        # so a tile's rows are in flight while the previous tile is summed.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
+        xs = tl.zeros([BLOCK_K], dtype=tl.float32)  # int4: the sum of the x multiplied
         idx = tl.load(index_ptr + scratch + ks, mask=ks < n_active, other=0)
         val = tl.load(value_ptr + scratch + ks, mask=ks < n_active, other=0.0)
         w = _load_weights(w_ptr, idx, cols, byte_cols, ks < n_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-        s, z = _load_group(s_ptr, z_ptr, idx // GROUP, pairs, high, ks < n_active, pair_ok, N, WFMT, True)
         nk = BLOCK_K + ks
         idx_next = tl.load(index_ptr + scratch + nk, mask=nk < n_active, other=0)
         val_next = tl.load(value_ptr + scratch + nk, mask=nk < n_active, other=0.0)
         for j in range(0, n_active, BLOCK_K):
             nk = j + BLOCK_K + ks  # [BLOCK_K] slots of the next tile
             w_next = _load_weights(w_ptr, idx_next, cols, byte_cols, nk < n_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-            s_next, z_next = _load_group(s_ptr, z_ptr, idx_next // GROUP, pairs, high, nk < n_active, pair_ok, N, WFMT, True)
             nnk = nk + BLOCK_K
             idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_active, other=0)
             val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_active, other=0.0)
-            acc += _times_rows(val, _dequantize(w, s, z, WFMT), WFMT)
-            w, s, z, val, idx_next, val_next = w_next, s_next, z_next, val_next, idx_after, val_after
+            acc += _times_rows(val, _dequantize(w, WFMT), WFMT)
+            if WFMT == 2:
+                xs += val
+            w, val, idx_next, val_next = w_next, val_next, idx_after, val_after
         part = tl.sum(acc, axis=0).reshape(BLOCK_N)[None, :]  # [1, BLOCK_N]: once a program
+        xsum = tl.sum(xs, axis=0)
     elif BLOCK_M == 1:
         if PROLOGUE != 0:
             # The prologue once for the whole range, into this program's scratch slots: the loop
@@ -264,26 +247,27 @@ def sparse_gemv_kernel(
         else:
             src = x_ptr
         # Weights run one tile ahead of the sum: a tile's active rows are in flight while the
-        # previous tile is summed. A tile lies in one int4 group: rows_per_split and BLOCK_K divide by it.
+        # previous tile is summed.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
+        xs = tl.zeros([BLOCK_K], dtype=tl.float32)  # int4: the sum of the x multiplied
         rows = row_start + ks
         x = tl.load(src + rows, mask=rows < row_end, other=0.0).to(tl.float32)
         active = (tl.abs(x) > t) & (rows < row_end)
         w = _load_weights(w_ptr, rows, cols, byte_cols, active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-        s, z = _load_group(s_ptr, z_ptr, row_start // GROUP, pairs, high, active, pair_ok, N, WFMT, False)
         for k in range(row_start, row_end, BLOCK_K):
             rows_next = k + BLOCK_K + ks  # [BLOCK_K]
             x_next = tl.load(src + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
             active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
             w_next = _load_weights(w_ptr, rows_next, cols, byte_cols, active_next, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-            # The last tile's next group is past the scales: clamped, so its (unused) load stays inside.
-            group_next = tl.minimum(k + BLOCK_K, K - 1) // GROUP
-            s_next, z_next = _load_group(s_ptr, z_ptr, group_next, pairs, high, active_next, pair_ok, N, WFMT, False)
             # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
-            acc += _times_rows(tl.where(active, x, 0.0), _dequantize(w, s, z, WFMT), WFMT)
-            x, active, w, s, z = x_next, active_next, w_next, s_next, z_next
+            xm = tl.where(active, x, 0.0)
+            acc += _times_rows(xm, _dequantize(w, WFMT), WFMT)
+            if WFMT == 2:
+                xs += xm
+            x, active, w = x_next, active_next, w_next
         part = tl.sum(acc, axis=0).reshape(BLOCK_N)[None, :]  # [1, BLOCK_N]: once a program
+        xsum = tl.sum(xs, axis=0)
         if COUNT:
             kept = tl.zeros([], dtype=tl.int32)
             if pid_n == first_block:
@@ -295,6 +279,7 @@ def sparse_gemv_kernel(
                     kept += tl.sum(((tl.abs(xr) > t) & (rr < row_end)).to(tl.int32), axis=0)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # int4: the sums of the x multiplied
         for k in range(row_start, row_end, BLOCK_K):
             rows = k + tl.arange(0, BLOCK_K)  # [BLOCK_K]
             x_ok = (ms < M)[:, None] & (rows < row_end)[None, :]  # [BLOCK_M, BLOCK_K]
@@ -302,19 +287,23 @@ def sparse_gemv_kernel(
             active = (tl.abs(x.to(tl.float32)) > t) & x_ok
             any_active = tl.max(active.to(tl.int32), axis=0) > 0  # [BLOCK_K]: union over x's rows
             w = _load_weights(w_ptr, rows, cols, byte_cols, any_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
-            s, z = _load_group(s_ptr, z_ptr, k // GROUP, pairs, high, any_active, pair_ok, N, WFMT, False)
             xm = tl.where(active, x, 0.0)
+            if WFMT == 2:
+                xs += xm.to(tl.float32)
             if DOT_FP32 or WFMT != 0:
                 # fp32 products: fp32 weights and dequantized ones (rounding them to x's dtype would
                 # change the weight); the interpreter's tl.dot cannot multiply bf16 (numpy has none).
-                tile = _dequantize(w, s, z, WFMT).reshape(BLOCK_K, BLOCK_N)
+                tile = _dequantize(w, WFMT).reshape(BLOCK_K, BLOCK_N)
                 acc = tl.dot(xm.to(tl.float32), tile, acc, input_precision="ieee")  # not tf32
             else:
                 acc = tl.dot(xm.to(w.dtype), w, acc)
         part = acc  # [BLOCK_M, BLOCK_N]
+        xsum = tl.sum(xs, axis=1)[:, None]  # [BLOCK_M, 1]
 
     if WFMT == 1:
         part *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]  # int8: the column's scale, once
+    if WFMT == 2:
+        part = _int4_scale(part, xsum, s_ptr, z_ptr, pid_k, cols, col_ok, N)  # program pid_k's rows: group pid_k
     if BLOCK_M == 1 and COUNT:
         if pid_n == first_block:
             tl.atomic_add(kept_ptr + seg, kept.to(tl.int64))
@@ -372,13 +361,12 @@ def weight_format(data, scales, zeros, group_size):
 
 
 def fit(cfg, wfmt, group, K):
-    """A config as the weight format takes it: int4 tiles within a group (block_k <= group) and
-    ranges of whole groups (rows_per_program a multiple of group, at least one)."""
+    """A config as the weight format takes it: int4 programs of one group each (rows_per_program =
+    group, block_k <= group), so that a program applies its group's scales and zeros once, to its
+    sums, and its loop does no per-column work."""
     if wfmt != INT4:
         return cfg
-    block_k = min(cfg.block_k, group)
-    rows = max(group, triton.cdiv(cfg.rows_per_program, group) * group)
-    return Config(cfg.block_n, block_k, rows, cfg.num_warps, cfg.compact)
+    return Config(cfg.block_n, min(cfg.block_k, group), group, cfg.num_warps, cfg.compact)
 
 
 _plans = {}  # (everything a launch depends on but the tensors' values) -> Plan
@@ -432,7 +420,7 @@ class Plan:
             DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
             COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
             PROLOGUE=prologue, NORM_BLOCK=triton.next_power_of_2(K) if prologue == 1 else 1,
-            HAS_RESIDUAL=residual is not None, COUNT=kept is not None, WFMT=wfmt, GROUP=group,
+            HAS_RESIDUAL=residual is not None, COUNT=kept is not None, WFMT=wfmt,
             num_warps=cfg.num_warps, **({} if cap is None else {"maxnreg": cap}))
         # The launch takes the constexprs positionally, after the arguments, in the kernel's order.
         self.constexprs = [self.meta[name] for name in sparse_gemv_kernel.arg_names if name in self.meta]
