@@ -74,18 +74,20 @@ def _load_input(x_ptr, g_ptr, rows, ok, K, eps, PROLOGUE: tl.constexpr, NORM_BLO
 
 
 @triton.jit
-def _load_weights(w_ptr, rows, cols, byte_cols, row_ok, col_ok, byte_ok, N, NB, WFMT: tl.constexpr, EVEN_N: tl.constexpr):
+def _load_weights(w_ptr, rows, cols, word_cols, row_ok, col_ok, word_ok, N, NW, WFMT: tl.constexpr, EVEN_N: tl.constexpr):
     """The weight rows `rows` ([BLOCK_K]) at columns `cols` ([BLOCK_N]) as stored: [BLOCK_K, BLOCK_N]
-    (float, int8), or int4's bytes [BLOCK_K, BLOCK_N // 2] (byte_cols, of NB a row). Rows not row_ok
-    are never read. Held so, not as fp32, while in flight: half the registers (a quarter for int8)."""
+    (float, int8), or int4's 32-bit words [BLOCK_K, BLOCK_N // 8] (word_cols, of NW a row), eight
+    nibbles each. Rows not row_ok are never read. Held so, not as fp32, while in flight: half the
+    registers (a quarter for int8, an eighth for int4)."""
     # One return after constexpr branches: Triton's compiler types a return inside a taken
     # constexpr branch together with the one after it.
     if WFMT == 2:
         if EVEN_N:
             ok = row_ok[:, None]  # a mask constant along a row keeps the loads wide
         else:
-            ok = row_ok[:, None] & byte_ok[None, :]
-        w = tl.load(w_ptr + rows[:, None] * NB + byte_cols[None, :], mask=ok, other=0)
+            ok = row_ok[:, None] & word_ok[None, :]
+        words = w_ptr.to(tl.pointer_type(tl.int32))  # the uint8 data, four bytes a load
+        w = tl.load(words + rows[:, None] * NW + word_cols[None, :], mask=ok, other=0)
     else:
         if EVEN_N:
             ok = row_ok[:, None]
@@ -96,23 +98,40 @@ def _load_weights(w_ptr, rows, cols, byte_cols, row_ok, col_ok, byte_ok, N, NB, 
 
 
 @triton.jit
-def _dequantize(w, WFMT: tl.constexpr):
+def _nibble_float(shifted, ASM: tl.constexpr):
+    """The nibble at bits 19-22 of `shifted` as the float 1 + q / 16. ASM (CUDA): one lop3 with
+    1.0's bits in a register; ptxas splits the plain expression in two, a SASS logic op taking one
+    immediate (the interpreter runs the plain one)."""
+    if ASM:
+        one = tl.full(shifted.shape, 0x3F800000, tl.int32)
+        f = tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x780000, $2, 0xEA;", "=r,r,r", [shifted, one],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        f = ((shifted & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+    return f
+
+
+@triton.jit
+def _dequantize(w, WFMT: tl.constexpr, ASM: tl.constexpr):
     """A stored tile -> fp32: float [BLOCK_K, BLOCK_N] as it is; int8 [BLOCK_K, BLOCK_N] as integers
-    (its scale comes after the sum); int4 as 1 + q / 16, [BLOCK_K, BLOCK_N // 2, 2] with column
-    2i + j at [:, i, j] (byte i's low nibble for j = 0): the group's zero and scale come after the
-    sum (_int4_scale). Left unreshaped, a nibble stays in the thread that loaded its byte: a
-    [BLOCK_K, BLOCK_N] tile would pass through shared memory every tile.
+    (its scale comes after the sum); int4 as 1 + q / 16, [BLOCK_K, BLOCK_N // 8, 2, 2, 2] with
+    column 8w + j at [:, w, j // 4, j // 2 % 2, j % 2] (nibble j of word w: byte j // 2, its high
+    half for odd j): the group's zero and scale come after the sum (_int4_scale). Left unreshaped,
+    a nibble stays in the thread that loaded its word: a [BLOCK_K, BLOCK_N] tile would pass through
+    shared memory every tile.
 
     Integers become floats without a conversion instruction (a quarter of the FMA rate): bits set
     into a float's mantissa read as that float plus the integer times their place. int8: b's sign
-    bit flipped into the mantissa of 2**23, then 2**23 + 128 off (exact). int4: each nibble moved to
-    mantissa bits 19-22 under 1.0's exponent, so a tile costs a shift, a logic op and an FMA an
-    element, and no per-column work at all (a thread holds few rows of many columns)."""
+    bit flipped into the mantissa of 2**23, then 2**23 + 128 off (exact). int4: nibble j shifted by
+    19 - 4j to mantissa bits 19-22 under 1.0's exponent: a shift, a logic op and an FMA a value, and
+    no per-column work in the loop."""
     if WFMT == 2:
-        b = w.to(tl.int32)  # uint8: zero-extended
-        lo = (((b << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-        hi = (((b << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-        tile = tl.join(lo, hi)
+        # Even j (low nibbles), then odd j; an arithmetic >> fills above bit 22.
+        low = tl.join(tl.join(_nibble_float(w << 19, ASM), _nibble_float(w << 3, ASM)),
+                      tl.join(_nibble_float(w << 11, ASM), _nibble_float(w >> 5, ASM)))
+        high = tl.join(tl.join(_nibble_float(w << 15, ASM), _nibble_float(w >> 1, ASM)),
+                       tl.join(_nibble_float(w << 7, ASM), _nibble_float(w >> 9, ASM)))
+        tile = tl.join(low, high)
     elif WFMT == 1:
         b = w.to(tl.uint8, bitcast=True).to(tl.int32)
         tile = (b ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
@@ -134,7 +153,7 @@ def _int4_scale(part, xsum, s_ptr, z_ptr, group, cols, col_ok, N):
 def _acc_zeros(BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WFMT: tl.constexpr):
     """fp32 zeros shaped as _dequantize's tiles."""
     if WFMT == 2:
-        acc = tl.zeros([BLOCK_K, BLOCK_N // 2, 2], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_K, BLOCK_N // 8, 2, 2, 2], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     return acc
@@ -144,7 +163,7 @@ def _acc_zeros(BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WFMT: tl.constexpr)
 def _times_rows(x, tile, WFMT: tl.constexpr):
     """x [BLOCK_K] times each row of a _dequantize tile."""
     if WFMT == 2:
-        out = x[:, None, None] * tile
+        out = x[:, None, None, None, None] * tile
     else:
         out = x[:, None] * tile
     return out
@@ -163,19 +182,19 @@ def _output(y, res_ptr, offs, ok, y_ptr, HAS_RESIDUAL: tl.constexpr):
 @triton.jit
 def sparse_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr, kept_ptr,
-    M, K, N, NB, split1, split2, byte1, byte2, rows_per_split, eps,
+    M, K, N, NW, split1, split2, word1, word2, rows_per_split, eps,
     stride_xm, stride_ym, stride_t,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
     COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
     PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
-    WFMT: tl.constexpr,
+    WFMT: tl.constexpr, ASM: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
     pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
     on the union of the rows' active channels). W: w_ptr, and for int8 its scales s_ptr [N], for
-    int4 its scales s_ptr and zeros z_ptr [split_k, N] (a program's rows are one group); NB: w_ptr's row length (int4: bytes,
-    segment s starting at byte (0, byte1, byte2)[s]; else N).
+    int4 its scales s_ptr and zeros z_ptr [split_k, N] (a program's rows are one group); NW: w_ptr's row length (int4: int32
+    words, segment s starting at word (0, word1, word2)[s]; else N).
 
     BLOCK_M = 1 only: PROLOGUE makes the input from x inside the loads (_load_input), and COUNT
     adds the number of active channels of each segment into kept_ptr (int64 [n_segments]): the
@@ -189,10 +208,10 @@ def sparse_gemv_kernel(
     t = tl.load(t_ptr + seg * stride_t)
     cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < col_end
-    # int4: byte i of this block's columns holds columns 2i and 2i + 1 (blocks start even in a segment).
-    local_bytes = (col_start - seg_start) // 2 + tl.arange(0, BLOCK_N // 2)  # [BLOCK_N // 2]
-    byte_cols = tl.where(seg == 0, 0, tl.where(seg == 1, byte1, byte2)) + local_bytes
-    byte_ok = local_bytes < (col_end - seg_start + 1) // 2
+    # int4: word w of this block holds its columns 8w..8w + 7 (blocks start on a word in a segment).
+    local_words = (col_start - seg_start) // 8 + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N // 8]
+    word_cols = tl.where(seg == 0, 0, tl.where(seg == 1, word1, word2)) + local_words
+    word_ok = local_words < (col_end - seg_start + 7) // 8
     ms = tl.arange(0, BLOCK_M)  # [BLOCK_M]
     row_start = pid_k * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, K)
@@ -218,17 +237,17 @@ def sparse_gemv_kernel(
         xs = tl.zeros([BLOCK_K], dtype=tl.float32)  # int4: the sum of the x multiplied
         idx = tl.load(index_ptr + scratch + ks, mask=ks < n_active, other=0)
         val = tl.load(value_ptr + scratch + ks, mask=ks < n_active, other=0.0)
-        w = _load_weights(w_ptr, idx, cols, byte_cols, ks < n_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
+        w = _load_weights(w_ptr, idx, cols, word_cols, ks < n_active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
         nk = BLOCK_K + ks
         idx_next = tl.load(index_ptr + scratch + nk, mask=nk < n_active, other=0)
         val_next = tl.load(value_ptr + scratch + nk, mask=nk < n_active, other=0.0)
         for j in range(0, n_active, BLOCK_K):
             nk = j + BLOCK_K + ks  # [BLOCK_K] slots of the next tile
-            w_next = _load_weights(w_ptr, idx_next, cols, byte_cols, nk < n_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
+            w_next = _load_weights(w_ptr, idx_next, cols, word_cols, nk < n_active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
             nnk = nk + BLOCK_K
             idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_active, other=0)
             val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_active, other=0.0)
-            acc += _times_rows(val, _dequantize(w, WFMT), WFMT)
+            acc += _times_rows(val, _dequantize(w, WFMT, ASM), WFMT)
             if WFMT == 2:
                 xs += val
             w, val, idx_next, val_next = w_next, val_next, idx_after, val_after
@@ -254,15 +273,15 @@ def sparse_gemv_kernel(
         rows = row_start + ks
         x = tl.load(src + rows, mask=rows < row_end, other=0.0).to(tl.float32)
         active = (tl.abs(x) > t) & (rows < row_end)
-        w = _load_weights(w_ptr, rows, cols, byte_cols, active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
+        w = _load_weights(w_ptr, rows, cols, word_cols, active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
         for k in range(row_start, row_end, BLOCK_K):
             rows_next = k + BLOCK_K + ks  # [BLOCK_K]
             x_next = tl.load(src + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
             active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
-            w_next = _load_weights(w_ptr, rows_next, cols, byte_cols, active_next, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
+            w_next = _load_weights(w_ptr, rows_next, cols, word_cols, active_next, col_ok, word_ok, N, NW, WFMT, EVEN_N)
             # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
             xm = tl.where(active, x, 0.0)
-            acc += _times_rows(xm, _dequantize(w, WFMT), WFMT)
+            acc += _times_rows(xm, _dequantize(w, WFMT, ASM), WFMT)
             if WFMT == 2:
                 xs += xm
             x, active, w = x_next, active_next, w_next
@@ -286,14 +305,14 @@ def sparse_gemv_kernel(
             x = tl.load(x_ptr + ms[:, None] * stride_xm + rows[None, :], mask=x_ok, other=0.0)
             active = (tl.abs(x.to(tl.float32)) > t) & x_ok
             any_active = tl.max(active.to(tl.int32), axis=0) > 0  # [BLOCK_K]: union over x's rows
-            w = _load_weights(w_ptr, rows, cols, byte_cols, any_active, col_ok, byte_ok, N, NB, WFMT, EVEN_N)
+            w = _load_weights(w_ptr, rows, cols, word_cols, any_active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
             xm = tl.where(active, x, 0.0)
             if WFMT == 2:
                 xs += xm.to(tl.float32)
             if DOT_FP32 or WFMT != 0:
                 # fp32 products: fp32 weights and dequantized ones (rounding them to x's dtype would
                 # change the weight); the interpreter's tl.dot cannot multiply bf16 (numpy has none).
-                tile = _dequantize(w, WFMT).reshape(BLOCK_K, BLOCK_N)
+                tile = _dequantize(w, WFMT, ASM).reshape(BLOCK_K, BLOCK_N)
                 acc = tl.dot(xm.to(tl.float32), tile, acc, input_precision="ieee")  # not tf32
             else:
                 acc = tl.dot(xm.to(w.dtype), w, acc)
@@ -400,8 +419,8 @@ class Plan:
         n_blocks = sum(triton.cdiv(w, cfg.block_n) for w in splits)
         bounds = [sum(splits[:i]) for i in range(1, MAX_SEGMENTS)] + [N] * (MAX_SEGMENTS - len(splits))
         starts, total_bytes = segment_bytes(splits)
-        byte_bounds = starts[1:] + [total_bytes] * (MAX_SEGMENTS - len(splits))
-        self.scalars = (N, total_bytes if wfmt == INT4 else N, bounds[0], bounds[1], byte_bounds[0], byte_bounds[1], rows)
+        word_bounds = [b // 4 for b in starts[1:]] + [total_bytes // 4] * (MAX_SEGMENTS - len(splits))
+        self.scalars = (N, total_bytes // 4 if wfmt == INT4 else N, bounds[0], bounds[1], word_bounds[0], word_bounds[1], rows)
         compact = cfg.compact and block_m == 1 and rows <= COMPACT_BLOCK
         # Scratch: compacted channels, or the prologue's inputs; a slot per row a program owns. Sized
         # for whichever form a one-row call takes (rows <= COMPACT_BLOCK there), so that warming up
@@ -420,7 +439,7 @@ class Plan:
             DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
             COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
             PROLOGUE=prologue, NORM_BLOCK=triton.next_power_of_2(K) if prologue == 1 else 1,
-            HAS_RESIDUAL=residual is not None, COUNT=kept is not None, WFMT=wfmt,
+            HAS_RESIDUAL=residual is not None, COUNT=kept is not None, WFMT=wfmt, ASM=x.device.type == "cuda",
             num_warps=cfg.num_warps, **({} if cap is None else {"maxnreg": cap}))
         # The launch takes the constexprs positionally, after the arguments, in the kernel's order.
         self.constexprs = [self.meta[name] for name in sparse_gemv_kernel.arg_names if name in self.meta]

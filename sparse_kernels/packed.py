@@ -41,11 +41,12 @@ def n_groups(in_features, group_size):
 
 
 def segment_bytes(splits):
-    """int4: each segment's first byte column and the total: a segment of width w takes ceil(w / 2)."""
+    """int4: each segment's first byte column and the total: a segment of width w takes ceil(w / 8)
+    4-byte words (the kernel reads eight nibbles a word)."""
     starts, total = [], 0
     for w in splits:
         starts.append(total)
-        total += (w + 1) // 2
+        total += -(-w // 8) * 4
     return starts, total
 
 

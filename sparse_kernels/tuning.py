@@ -5,7 +5,7 @@ import triton
 
 from sparse_kernels import configs
 from sparse_kernels.configs import Config
-from sparse_kernels.gemv import clear_plans, gpu_name, sparse_gemv
+from sparse_kernels.gemv import FLOAT, INT4, INT8, clear_plans, fit, gpu_name, sparse_gemv
 from sparse_kernels.packed import pack_weight
 
 # Candidates that tune() measures: (block_n, block_k, num_warps) tiles of 16 or 32 KB of bf16, 64 fp32
@@ -13,8 +13,9 @@ from sparse_kernels.packed import pack_weight
 TILES = [(256, 32, 4), (256, 64, 8), (128, 64, 4), (512, 32, 8), (512, 16, 4), (1024, 16, 8)]
 ROWS_PER_PROGRAM = [128, 256, 512, 1024]
 # int4 tiles of the same shape hold a quarter of the bytes, so it also tries tiles of 128
-# accumulators a thread, to keep as many bytes in flight.
-INT4_TILES = [(512, 64, 8), (1024, 32, 8)]
+# accumulators a thread (more bytes in flight), of 32 (more programs resident an SM), and one-warp
+# programs, whose end-of-program sum needs no shared memory (an int4 program is one group long).
+INT4_TILES = [(512, 64, 8), (1024, 32, 8), (128, 32, 4), (256, 16, 4), (128, 16, 1), (256, 16, 2), (64, 32, 1)]
 CANDIDATES = [Config(block_n=n, block_k=k, rows_per_program=r, num_warps=w, compact=c)
               for n, k, w in TILES for r in ROWS_PER_PROGRAM for c in (True, False)]
 INT4_CANDIDATES = CANDIDATES + [Config(block_n=n, block_k=k, rows_per_program=r, num_warps=w, compact=c)
@@ -90,7 +91,10 @@ def tune(K, splits, fmt="bf16", group_size=None, rows=1, device="cuda", sparsiti
                      for _ in range(weight_copies(nbytes, device) - 1)]
     x = torch.randn(rows, K, device=device, dtype=dtype)
     best, best_time = None, float("inf")
-    for cfg in candidates or (INT4_CANDIDATES if fmt == "int4" else CANDIDATES):
+    # As the launcher fits them to the format (int4: a program a group), without repeats.
+    wfmt = {"int8": INT8, "int4": INT4}.get(fmt, FLOAT)
+    fitted = dict.fromkeys(fit(c, wfmt, group_size, K) for c in candidates or (INT4_CANDIDATES if fmt == "int4" else CANDIDATES))
+    for cfg in fitted:
         times = []
         for s in sparsities:
             t = torch.full((len(splits),), torch.quantile(x.float().abs().flatten(), s).item() if s > 0 else 0.0, device=device)

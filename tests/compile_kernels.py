@@ -45,9 +45,9 @@ def compile_for_gpu(kernel, args, meta):
 
 
 def gpu_meta(meta, weight_dtype):
-    """The launcher computes on the CPU as the interpreter needs (fp32 dots); on a GPU a 16-bit
-    weight multiplies in its dtype."""
-    return {**meta, "DOT_FP32": weight_dtype == torch.float32}
+    """The launcher computes on the CPU as the interpreter needs (fp32 dots, no inline PTX); on a GPU
+    a 16-bit weight multiplies in its dtype, and int4's nibbles unpack through inline PTX."""
+    return {**meta, "DOT_FP32": weight_dtype == torch.float32, **({"ASM": True} if "ASM" in meta else {})}
 
 
 FORMATS = {"bf16": None, "fp32": None, "int8": None, "int4": 64}  # format -> group size
