@@ -19,8 +19,10 @@ an output channel) are cut with a column-parallel weight's rows and whole with a
 one's; int4's scales and zeros (one a group of input channels) are cut with a row-parallel
 weight's groups, so its shards must fall on group boundaries.
 """
+import atexit
 import os
 import sys
+import time
 from dataclasses import replace
 
 import torch
@@ -61,7 +63,14 @@ def init(device):
         # NVLink multicast (NVLS) stays off: on a shared host its set-up can take other jobs' GPUs down.
         os.environ["NCCL_NVLS_ENABLE"] = "0"
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    atexit.register(leave)
     return device
+
+
+def leave():
+    """Close the process group (at exit: NCCL warns of a group left open)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank():
@@ -170,3 +179,28 @@ def load(path, device="cpu", dtype=torch.float32):
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return model.eval(), meta
+
+
+def broadcast(obj):
+    """obj as rank 0 has it, on every rank (any picklable object)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_seconds(model, steps=20):
+    """Seconds the all-reduces of one decode step take alone: two a block, of [1, 1, dim] in the
+    model's dtype, back to back (eager c10d; the compiled step's are in its CUDA graph)."""
+    weight = model.tok_embeddings.weight
+    x = torch.zeros(1, 1, model.config.dim, dtype=weight.dtype, device=weight.device)
+    sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
+    for _ in range(2 * model.config.n_layer):  # warm up: NCCL sets up its channels on first use
+        dist.all_reduce(x)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps * 2 * model.config.n_layer):
+        dist.all_reduce(x)
+    sync()
+    return (time.perf_counter() - t0) / steps
