@@ -242,7 +242,7 @@ def main(argv=None):
             run.compile(False)
         print(f"Compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.interactive:
-        return chat(run, sparse, cache_len)
+        return chat(run, sparse, cache_len, read=tp.read_line)  # under torchrun, rank 0 reads
     for i in range(args.num_samples):
         if args.compare:
             run.reply(ids, False, f"dense, sample {i + 1}" if args.num_samples > 1 else "dense", echo=not args.chat)

@@ -190,6 +190,23 @@ def broadcast(obj):
     return box[0]
 
 
+def read_line(prompt):
+    """input(prompt) as every rank sees it: under torchrun rank 0 alone reads the terminal and sends
+    the line to the others (a chat); its Ctrl-D ends every rank's chat."""
+    if world_size() == 1:
+        return input(prompt)
+    line = None
+    if rank() == 0:
+        try:
+            line = input(prompt)
+        except EOFError:
+            pass
+    line = broadcast(line)
+    if line is None:
+        raise EOFError
+    return line
+
+
 def all_reduce_seconds(model, steps=20):
     """Seconds the all-reduces of one decode step take alone: two a block, of [1, 1, dim] in the
     model's dtype, back to back (eager c10d; the compiled step's are in its CUDA graph)."""
