@@ -8,6 +8,7 @@ import torch
 
 import checkpoint
 import thresholds
+import tp
 from checkpoint import CheckpointError
 from model import PROJECTIONS
 from thresholds import model_wide
@@ -116,7 +117,7 @@ def dtype_name(name, device):
 def load_model(path, device, dtype):
     """-> (model, checkpoint metadata, tokenizer, model.safetensors path); path None: the bundled model."""
     ckpt = checkpoint.resolve(path)
-    model, meta = checkpoint.load(ckpt, device=device, dtype=dtype)
+    model, meta = tp.load(ckpt, device=device, dtype=dtype)  # under torchrun, this rank's shard
     return model, meta, load_tokenizer(ckpt.parent), ckpt
 
 
@@ -210,9 +211,10 @@ def arg_parser():
 
 
 def main(argv=None):
+    tp.quiet()  # under torchrun, rank 0 alone prints
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
+    device = tp.init(resolve_device(args.device))  # under torchrun: this rank's device
+    torch.manual_seed(args.seed)  # the same on every rank, so every rank samples the same tokens
 
     t0 = time.perf_counter()
     model, meta, tokenizer, ckpt = load_model(args.checkpoint, device, DTYPES[dtype_name(args.dtype, device)])
@@ -240,7 +242,7 @@ def main(argv=None):
             run.compile(False)
         print(f"Compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.interactive:
-        return chat(run, sparse, cache_len)
+        return chat(run, sparse, cache_len, read=tp.read_line)  # under torchrun, rank 0 reads
     for i in range(args.num_samples):
         if args.compare:
             run.reply(ids, False, f"dense, sample {i + 1}" if args.num_samples > 1 else "dense", echo=not args.chat)
@@ -369,7 +371,7 @@ class Streamer:
         return self.tokenizer.decode(self.ids)
 
 
-ERRORS = (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsError)
+ERRORS = (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsError, tp.PlacementError)
 
 
 def cli(main, argv=None, errors=()):

@@ -11,8 +11,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import _functional_collectives as funcol
 
 from sparse_kernels import (PackedWeight, decode_attention, projection_input, rms_norm, runs_triton, sparse_linear, warm_up,
                             warm_up_attention)
@@ -101,6 +103,9 @@ class Projection(nn.Module):
         self.register_buffer("kept", torch.zeros(len(splits), dtype=torch.int64, device=device), persistent=False)
         # observer(projection, input proper): how calibration sees the input (eager only).
         self.observer = None
+        # A row-parallel shard's process group (tp.py): this rank holds some input rows of W, so its
+        # product is a partial sum, added over the group before the residual.
+        self.group = None
 
     def forward(self, x, sparse, norm=None, swiglu=False, residual=None):
         """[residual +] W @ input, the input being norm(x) with a norm (an RMSNorm), silu(gate) * up
@@ -110,11 +115,26 @@ class Projection(nn.Module):
         norm_weight, eps = (norm.weight, norm.eps) if norm is not None else (None, 0.0)
         if self.observer is not None:
             self.observer(self, projection_input(x, norm_weight, eps, swiglu))
+        fused_residual = residual if self.group is None else None
         if not sparse:
             y = self.weight(projection_input(x, norm_weight, eps, swiglu))
-            return y if residual is None else residual + y
-        return sparse_linear(x, self.weight, self.thresholds, norm_weight=norm_weight, norm_eps=eps, swiglu=swiglu,
-                             residual=residual, kept=self.kept if self.record else None)
+            y = y if fused_residual is None else fused_residual + y
+        else:
+            y = sparse_linear(x, self.weight, self.thresholds, norm_weight=norm_weight, norm_eps=eps, swiglu=swiglu,
+                              residual=fused_residual, kept=self.kept if self.record else None)
+        if self.group is None:
+            return y
+        # A functional collective, so that the compiled step's CUDA graph captures it; the residual
+        # is added once, to the sum, as one process adds it.
+        y = funcol.all_reduce(y, "sum", self.group)
+        return y if residual is None else residual + y
+
+    def counts(self):
+        """-> (inputs each threshold kept [n_segments], input entries a token brings): a row-parallel
+        shard's summed over its group, so the figures are the whole projection's."""
+        if self.group is None:
+            return self.kept, self.weight.in_features
+        return funcol.all_reduce(self.kept, "sum", self.group), self.weight.in_features * dist.get_world_size(self.group)
 
 
 class Int8Head(nn.Module):
@@ -252,13 +272,14 @@ class Transformer(nn.Module):
         if max_seq_length > self.config.block_size:
             raise ValueError(f"a cache of {max_seq_length} tokens exceeds the model's {self.config.block_size}")
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
+        attn = self.layers[0].attention  # its heads: under tp.py, this rank's share of the config's
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, max_seq_length, self.config.n_kv_head, self.config.head_dim, dtype, device)
+            layer.attention.kv_cache = KVCache(batch_size, max_seq_length, attn.n_kv_head, attn.head_dim, dtype, device)
         # The kernels' shared workspace must exist before a CUDA graph is recorded: allocated during
         # torch.compile's warm-up run it would land in the graph's private pool, which refuses it.
         for pw in [proj.weight for proj, _ in self.layers[0].projections()] + [w for w in [self.packed_head()] if w is not None]:
             warm_up(pw, max_rows=batch_size)
-        warm_up_attention(batch_size, self.config.n_head, max_seq_length, self.config.head_dim, device)
+        warm_up_attention(batch_size, attn.n_head, max_seq_length, attn.head_dim, device)
 
     def forward(self, idx, input_pos=None, sparse=None):
         """idx: (B, T) token ids; input_pos: (T,) cache slots, or None for a cache-free causal pass.
@@ -357,7 +378,7 @@ class Transformer(nn.Module):
     def measured_sparsity(self):
         """[n_layer, 7]: fraction of each projection's inputs zeroed since record_sparsity()."""
         tokens = float(self.recorded_tokens)
-        rows = [torch.cat([1 - p.kept.cpu().double() / max(1.0, tokens * p.weight.in_features) for p, _ in layer.projections()])
+        rows = [torch.cat([1 - kept.cpu().double() / max(1.0, tokens * n) for kept, n in (p.counts() for p, _ in layer.projections())])
                 for layer in self.layers]
         return torch.stack(rows).float()
 

@@ -11,6 +11,7 @@ during decode, not assumed. With --checkpoint, a real model and its thresholds f
     python -m scripts.benchmark_decode --model llama-3-8b --weights bf16 int8 int4 --lm-head int8
     python -m scripts.benchmark_decode --model llama-3-8b --weights int8 --tune   # GEMV configs tuned first
     python -m scripts.benchmark_decode --model llama-3-70b --weights int8 --sparsities 0.4,0.5,0.6
+    torchrun --nproc_per_node 2 -m scripts.benchmark_decode --model llama-3-70b --weights bf16 int8 --sparsities 0.4,0.5
 
 Rows, for each format: its dense decode through plain torch (bf16: the model's own matmuls, the
 gpt-fast-style compiled step every ratio is against; int8: gpt-fast's weight-only int8 linear;
@@ -18,6 +19,11 @@ int4: torch's tinygemm), the sparse kernels at threshold 0 ("t=0"), then each sp
 against the first row of the run (dense bf16 where it is measured). Each format's fixed cost: the
 intercept of step time against bytes read over its t=0 and sparse rows, divided by the
 projections a step runs.
+
+Under torchrun (tp.py) each rank holds its shard (the random model's weights drawn per shard, its
+thresholds rank 0's, calibrated on rank 0's shard, on every rank); every row adds the time a step's
+all-reduces take alone, timed after its runs, and tok/s, bytes and the ceiling are one GPU's. Rank 0
+writes the results.
 """
 import argparse
 import statistics
@@ -29,9 +35,10 @@ from tqdm import tqdm
 
 import generate
 import thresholds
+import tp
 from checkpoint import atomic_write_text, quantization_of
 from generate import DTYPES, UsageError, cli
-from model import PROJECTIONS, ModelArgs, Transformer
+from model import PROJECTIONS, ModelArgs
 from quantize import dense_baseline
 from scripts.common import RESULTS, environment, save_figure, save_json
 from sparse_kernels import quantize
@@ -45,9 +52,9 @@ WEIGHTS = {"bf16": (None, None), "int8": ("int8", None), "int4": ("int4", 128)}
 def random_model(name, dtype, device, fmt=None, group_size=None, head=None, seed=0):
     """Weights ~ N(0, 0.02), norms 1: a real shape with no checkpoint. Quantized formats take the
     same float weights (same seed), quantized by round-to-nearest one projection at a time (and
-    lm_head with head="int8")."""
+    lm_head with head="int8"). Under torchrun, this rank's shard."""
     torch.manual_seed(seed)
-    model = Transformer(ModelArgs.from_name(name), dtype=dtype, fmt=fmt, group_size=group_size, head=head, device=device)
+    model = tp.build(ModelArgs.from_name(name), dtype=dtype, fmt=fmt, group_size=group_size, head=head, device=device)
     for pname, p in model.named_parameters():
         p.fill_(1.0) if pname.endswith("norm.weight") else p.normal_(0.0, 0.02)
     for pw in [proj.weight for proj in model.projections()] + [w for w in [model.packed_head()] if w is not None]:
@@ -59,7 +66,7 @@ def random_model(name, dtype, device, fmt=None, group_size=None, head=None, seed
 def random_thresholds(model, windows, length, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.config.vocab_size, (windows, length), generator=g)
-    return thresholds.calibrate(model, tokens)
+    return tp.broadcast(thresholds.calibrate(model, tokens))  # the same thresholds on every rank
 
 
 def time_decode(model, decode, sparse, prompt, new_tokens, runs, device):
@@ -103,7 +110,8 @@ def profile_decode(model, decode, sparse, prompt, steps, device):
     us = lambda e: getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
     total = sum(us(e) for e in kernels) / steps
     top = sorted(kernels, key=us, reverse=True)[:15]
-    return dict(steps=steps, wall_us_per_step=wall * 1e6 / steps, kernel_us_per_step=total,
+    nccl = sum(us(e) for e in kernels if "nccl" in e.key.lower()) / steps  # tensor parallelism's all-reduces
+    return dict(steps=steps, wall_us_per_step=wall * 1e6 / steps, kernel_us_per_step=total, nccl_us_per_step=nccl,
                 gap_us_per_step=wall * 1e6 / steps - total, kernels_per_step=sum(e.count for e in kernels) / steps,
                 top_kernels=[dict(name=e.key[:120], us_per_step=us(e) / steps, calls_per_step=e.count / steps) for e in top])
 
@@ -126,6 +134,8 @@ def run_variant(model, decode, label, sparse, sparsity, table, prompt, args, ban
                bytes_per_token=read, effective_GBps=read * tok_s / 1e9, first_call_s=warmup_s)
     if args.profile_steps and args.device.startswith("cuda"):
         row["profile"] = profile_decode(model, decode, sparse, prompt, args.profile_steps, args.device)
+    if tp.world_size() > 1:
+        row["all_reduce_us_per_step"] = tp.all_reduce_seconds(model) * 1e6
     if bandwidth:
         row["ceiling_tok_s"] = bandwidth / read
         row["fraction_of_ceiling"] = tok_s / row["ceiling_tok_s"]
@@ -144,21 +154,27 @@ def fixed_cost(rows, projections):
 
 def markdown(result):
     first = result["rows"][0]
-    lines = [f"Ratios against {first['variant']} in the same run.", "",
-             "| variant | target | measured sparsity | tok/s | ms/token | vs first | GB/s read | of ceiling |",
-             "|---|---|---|---|---|---|---|---|"]
+    world = result.get("world_size", 1)
+    ar = world > 1  # tensor parallelism: each step's all-reduce time beside its tok/s
+    lines = [f"Ratios against {first['variant']} in the same run."
+             + (f" {world} ranks (tensor parallel); GB/s and the ceiling are one GPU's." if ar else ""), "",
+             "| variant | target | measured sparsity | tok/s | ms/token |" + (" all-reduce us/step |" if ar else "")
+             + " vs first | GB/s read | of ceiling |",
+             "|---|---|---|---|---|" + ("---|" if ar else "") + "---|---|---|"]
     for r in result["rows"]:
         ceiling = f"{r['fraction_of_ceiling']:.0%}" if "fraction_of_ceiling" in r else "-"
+        reduce = f" {r['all_reduce_us_per_step']:.0f} |" if ar else ""
         lines.append(f"| {r['variant']} | {r['target_sparsity']:.2f} | {r['measured_sparsity']:.3f} | {r['tok_s']:.1f} | "
-                     f"{r['ms_per_token']:.2f} | {r['tok_s'] / first['tok_s']:.2f}x | {r['effective_GBps']:.0f} | {ceiling} |")
+                     f"{r['ms_per_token']:.2f} |{reduce} {r['tok_s'] / first['tok_s']:.2f}x | {r['effective_GBps']:.0f} | {ceiling} |")
     if result.get("fixed_costs"):
         lines += ["", "| format | fixed cost a projection (us) | fitted GB/s |", "|---|---|---|"]
         lines += [f"| {f} | {c['fixed_us_per_projection']:.2f} | {c['fitted_GBps'] or 0:.0f} |" for f, c in result["fixed_costs"].items()]
     for r in result["rows"]:
         if "profile" in r:
             f = r["profile"]
+            nccl = f", {f['nccl_us_per_step']:.0f} us of them NCCL's" if ar else ""
             lines += ["", f"{r['variant']}, one decode step under torch.profiler: {f['wall_us_per_step']:.0f} us wall, "
-                      f"{f['kernel_us_per_step']:.0f} us in {f['kernels_per_step']:.0f} kernels, {f['gap_us_per_step']:.0f} us of gaps", "",
+                      f"{f['kernel_us_per_step']:.0f} us in {f['kernels_per_step']:.0f} kernels{nccl}, {f['gap_us_per_step']:.0f} us of gaps", "",
                       "| kernel | us/step | calls/step |", "|---|---|---|"]
             lines += [f"| `{k['name'][:70]}` | {k['us_per_step']:.1f} | {k['calls_per_step']:.0f} |" for k in f["top_kernels"][:8]]
     return "\n".join(lines) + "\n"
@@ -235,6 +251,12 @@ def tune_projections(model, result):
                                                    config=repr(cfg)))
 
 
+def save(stem, result):
+    """The results so far, as JSON; under torchrun rank 0's, which rank 0 writes."""
+    if tp.rank() == 0:
+        save_json(stem.with_suffix(".json"), result)
+
+
 def run_format(model, label, table, prompt, args, bandwidth, result, stem):
     """Dense baseline first (plain torch: the model's matmuls for bf16), then the sparse kernels at
     t = 0 and every sparsity; each row saved as it comes."""
@@ -250,9 +272,9 @@ def run_format(model, label, table, prompt, args, bandwidth, result, stem):
         row.update(format=label, kind="kernel" if sparse else "dense")
         result["rows"].append(row)
         kernel_rows += [row] if sparse else []
-        save_json(stem.with_suffix(".json"), result)
+        save(stem, result)
     result.setdefault("fixed_costs", {})[label] = fixed_cost(kernel_rows, 4 * model.config.n_layer)
-    save_json(stem.with_suffix(".json"), result)
+    save(stem, result)
     if fmt in ("int8", "int4") and args.device.startswith("cuda"):
         torch._dynamo.reset()  # new modules: compile afresh rather than pile guards on the old graphs
         baseline = {"int8": "gpt-fast int8 linear", "int4": "tinygemm int4"}[fmt]
@@ -260,10 +282,11 @@ def run_format(model, label, table, prompt, args, bandwidth, result, stem):
                           prompt, args, bandwidth, read=read)
         row.update(format=label, kind="dense")
         result["rows"].append(row)
-        save_json(stem.with_suffix(".json"), result)
+        save(stem, result)
 
 
 def main(argv=None):
+    tp.quiet()  # under torchrun, rank 0 alone prints
     args = parse_args(argv)
     try:
         args.sparsities = [float(s) for s in args.sparsities.split(",") if s]
@@ -271,12 +294,12 @@ def main(argv=None):
         raise UsageError(f"--sparsities expects comma-separated numbers, got {args.sparsities!r}") from None
     if any(not 0 < s < 1 for s in args.sparsities):
         raise UsageError(f"--sparsities must lie in (0, 1), got {args.sparsities}")
-    device = generate.resolve_device(args.device)
+    args.device = device = tp.init(generate.resolve_device(args.device))  # under torchrun: this rank's device
     dtype = DTYPES[args.dtype]
     bandwidth = copy_bandwidth(device) if device.startswith("cuda") else None
     result = dict(model=args.checkpoint or args.model, dtype=args.dtype, **environment(device, "benchmark_decode", argv),
                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
-                  copy_bandwidth_GBps=bandwidth / 1e9 if bandwidth else None, rows=[])
+                  copy_bandwidth_GBps=bandwidth / 1e9 if bandwidth else None, world_size=tp.world_size(), rows=[])
     cache_len = args.prompt_tokens + max(args.new_tokens, args.profile_steps + 1)
     if args.checkpoint:
         model, meta, _, ckpt = generate.load_model(args.checkpoint, device, dtype)
@@ -290,7 +313,8 @@ def main(argv=None):
                 m = random_model(args.model, dtype, device, fmt, group, head)
                 return m, random_thresholds(m, args.calibration_windows, args.calibration_length)
             runs.append((label, build))
-    stem = Path(args.out) if args.out else RESULTS / f"decode_{result['model']}_{'_'.join(label for label, _ in runs)}"
+    tp_tag = f"_tp{tp.world_size()}" if tp.world_size() > 1 else ""
+    stem = Path(args.out) if args.out else RESULTS / f"decode_{result['model']}_{'_'.join(label for label, _ in runs)}{tp_tag}"
     for label, build in runs:
         model, table = build()
         result["method"] = args.method if table.greedy is not None else "uniform"
@@ -304,9 +328,10 @@ def main(argv=None):
         torch._dynamo.reset()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    atomic_write_text(stem.with_suffix(".md"), markdown(result))
-    plot(result, stem.with_suffix(".png"))
-    print(markdown(result))
+    if tp.rank() == 0:
+        atomic_write_text(stem.with_suffix(".md"), markdown(result))
+        plot(result, stem.with_suffix(".png"))
+        print(markdown(result))
 
 
 if __name__ == "__main__":
