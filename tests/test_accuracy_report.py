@@ -1,5 +1,6 @@
 """scripts/accuracy_report.py --weights: perplexity by weight format, its JSON and its resumption, on
-a tiny random checkpoint."""
+a tiny random checkpoint; and the committed report of the bundled model."""
+import hashlib
 import json
 import math
 
@@ -12,7 +13,7 @@ import thresholds
 from generate import cli
 from scripts import accuracy_report
 from scripts.common import text_windows
-from tests.helpers import REPO, tiny_checkpoint
+from tests.helpers import REPO, SHIPPED, tiny_checkpoint
 from tokenizer import load_tokenizer
 
 TEXT = str(REPO / "README.md")
@@ -108,3 +109,15 @@ def test_unknown_weight_format_gives_one_line(capsys):
     assert exit.value.code == 1 and capsys.readouterr().err.strip().splitlines() == [
         "error: --weights: unknown format 'int4-g16' (choose from bf16, int8, int4-g32, int4-g64, int4-g128)"]
 
+
+
+def test_committed_weights_report_is_of_the_shipped_file_and_int8_keeps_bf16s_perplexity():
+    """The committed report was made from the shipped thresholds file as it is now, and int8's
+    perplexity is within 1% of bf16's at every sparsity."""
+    doc = json.loads((REPO / "benchmarks" / "results" / "accuracy_weights_smollm2-135m-instruct.json").read_text())
+    assert doc["thresholds_sha256"] == hashlib.sha256(SHIPPED.read_bytes()).hexdigest()[:16], f"stale report: rerun {doc['command']}"
+    by = {(r["weights"], r["sparsity"]): r for r in doc["results"]}
+    assert {w for w, _ in by} == set(accuracy_report.WEIGHTS) and doc["sparsities"] == [0.0, 0.25, 0.4, 0.5]
+    for s in doc["sparsities"]:
+        assert abs(by[("int8", s)]["ppl"] / by[("bf16", s)]["ppl"] - 1) < 0.01, s
+        assert abs(by[("int8", s)]["measured"] - s) < 0.01, s
