@@ -167,9 +167,9 @@ def main(argv=None):
     quantized = quantize_tensors(tensors, args.mode, args.group_size, args.device, head=args.lm_head)
     out_dir.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)  # the directory reads as incomplete until the new weights land
-    for name in TOKENIZER_FILES + ("thresholds.json",):
-        if (source.parent / name).is_file():
-            shutil.copyfile(source.parent / name, out_dir / name)
+    for file in TOKENIZER_FILES + ("thresholds.json",):
+        if (source.parent / file).is_file():
+            shutil.copyfile(source.parent / file, out_dir / file)
     saved = checkpoint.save(target, quantized, checkpoint.config_of(meta), meta["name"] + name,
                             quantization=quantization, source=meta["name"], source_format="teal-checkpoint",
                             source_fingerprint=meta["fingerprint"])

@@ -87,6 +87,7 @@ def test_quantize_writes_a_derived_checkpoint(tiny, tmp_path, mode, group):
     cli(quantize_cli.main, ["--checkpoint", str(tiny), "--mode", mode, "--out", str(out)] + (["--group-size", str(group)] if group else []))
     source, meta = checkpoint.read_metadata(tiny), checkpoint.read_metadata(out)
     assert meta["source_fingerprint"] == source["fingerprint"] != meta["fingerprint"]
+    assert meta["name"] == "tiny-test" + quantize_cli.suffix(mode, group)
     assert checkpoint.quantization_of(meta) == {"mode": mode, "group_size": group}
     # The source's thresholds apply, found beside the copy.
     found = thresholds.find_thresholds(out, checkpoint.lineage(meta))
