@@ -14,8 +14,9 @@ arriver) and count the active channels (one atomic per program of a segment's fi
 
 The weight format is a parameter (WFMT, packed.py documents the layouts), dequantized in registers:
 float tiles as they are; int8 tiles as integers, their column's scale applied once to the program's
-sum; int4 programs of one group each, whose tiles are summed as 1 + q / 16 and the group's zero
-and scale applied once to the program's sum. Products and sums are fp32.
+sum; int4 tiles to the exact fp32 weight (q - zero) * scale, one FMA a value from 1 + q / 16 and
+the group's two per-column constants, loaded once a group (a program spans whole groups; each
+tile lies in one). Products and sums are fp32.
 
 Imported only when a call runs on Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 so that TRITON_INTERPRET is read at first use rather than at `import sparse_kernels`.
@@ -112,41 +113,57 @@ def _nibble_float(shifted, ASM: tl.constexpr):
 
 
 @triton.jit
-def _dequantize(w, WFMT: tl.constexpr, ASM: tl.constexpr):
+def _dequantize(w, a, b, WFMT: tl.constexpr, ASM: tl.constexpr):
     """A stored tile -> fp32: float [BLOCK_K, BLOCK_N] as it is; int8 [BLOCK_K, BLOCK_N] as integers
-    (its scale comes after the sum); int4 as 1 + q / 16, [BLOCK_K, BLOCK_N // 8, 2, 2, 2] with
-    column 8w + j at [:, w, j // 4, j // 2 % 2, j % 2] (nibble j of word w: byte j // 2, its high
-    half for odd j): the group's zero and scale come after the sum (_int4_scale). Left unreshaped,
-    a nibble stays in the thread that loaded its word: a [BLOCK_K, BLOCK_N] tile would pass through
-    shared memory every tile.
+    (its scale comes after the sum); int4 as the weight a * (1 + q / 16) + b, with _int4_group's a
+    and b of the tile's group, [BLOCK_K, BLOCK_N // 8, 2, 2, 2] with column 8w + j at
+    [:, w, j // 4, j // 2 % 2, j % 2] (nibble j of word w: byte j // 2, its high half for odd j).
+    Left unreshaped, a nibble stays in the thread that loaded its word: a [BLOCK_K, BLOCK_N] tile
+    would pass through shared memory every tile.
 
     Integers become floats without a conversion instruction (a quarter of the FMA rate): bits set
     into a float's mantissa read as that float plus the integer times their place. int8: b's sign
     bit flipped into the mantissa of 2**23, then 2**23 + 128 off (exact). int4: nibble j shifted by
-    19 - 4j to mantissa bits 19-22 under 1.0's exponent: a shift, a logic op and an FMA a value, and
-    no per-column work in the loop."""
+    19 - 4j to mantissa bits 19-22 under 1.0's exponent, then one FMA: a shift, a logic op and two
+    FMAs a value, with the product."""
     if WFMT == 2:
         # Even j (low nibbles), then odd j; an arithmetic >> fills above bit 22.
         low = tl.join(tl.join(_nibble_float(w << 19, ASM), _nibble_float(w << 3, ASM)),
                       tl.join(_nibble_float(w << 11, ASM), _nibble_float(w >> 5, ASM)))
         high = tl.join(tl.join(_nibble_float(w << 15, ASM), _nibble_float(w >> 1, ASM)),
                        tl.join(_nibble_float(w << 7, ASM), _nibble_float(w >> 9, ASM)))
-        tile = tl.join(low, high)
+        tile = tl.join(low, high) * a[None, :, :, :, :] + b[None, :, :, :, :]
     elif WFMT == 1:
-        b = w.to(tl.uint8, bitcast=True).to(tl.int32)
-        tile = (b ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        q = w.to(tl.uint8, bitcast=True).to(tl.int32)
+        tile = (q ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
     else:
         tile = w.to(tl.float32)
     return tile
 
 
 @triton.jit
-def _int4_scale(part, xsum, s_ptr, z_ptr, group, cols, col_ok, N):
-    """int4: a program's sums of x * (1 + q / 16) over its one group -> of x * (q - zero) * scale:
-    scale * (16 * (part - xsum) - zero * xsum), xsum the sum of the x it multiplied (per row of x)."""
-    scale = tl.load(s_ptr + group * N + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_N]
-    zero = tl.load(z_ptr + group * N + cols, mask=col_ok, other=0).to(tl.float32)[None, :]
-    return scale * (16.0 * (part - xsum) - zero * xsum)
+def _int4_group(s_ptr, z_ptr, group, cols4, ok4, N):
+    """int4 group `group`'s per-column constants at cols4 ([BLOCK_N // 8, 2, 2, 2], the tiles'
+    column order): a = 16 * scale, b = -scale * (16 + zero), so that a * (1 + q / 16) + b is
+    (q - zero) * scale, exactly (scale has 11 significant bits, 16 + q and 16 + zero five)."""
+    scale = tl.load(s_ptr + group * N + cols4, mask=ok4, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group * N + cols4, mask=ok4, other=0).to(tl.float32)
+    return 16.0 * scale, -scale * (16.0 + zero)
+
+
+@triton.jit
+def _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok, N, NW, x, active, w, a, b, acc,
+                 WFMT: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One step of the masked loop: loads tile k + BLOCK_K's inputs and active rows' weights, then
+    adds tile k's products (x, active, w: loaded by the step before) into acc."""
+    rows_next = k + BLOCK_K + ks  # [BLOCK_K]
+    x_next = tl.load(src + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
+    active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
+    w_next = _load_weights(w_ptr, rows_next, cols, word_cols, active_next, col_ok, word_ok, N, NW, WFMT, EVEN_N)
+    # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
+    xm = tl.where(active, x, 0.0)
+    acc += _times_rows(xm, _dequantize(w, a, b, WFMT, ASM), WFMT)
+    return x_next, active_next, w_next, acc
 
 
 @triton.jit
@@ -188,13 +205,14 @@ def sparse_gemv_kernel(
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
     COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
     PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
-    WFMT: tl.constexpr, ASM: tl.constexpr,
+    WFMT: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
 ):
     """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
     pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
     on the union of the rows' active channels). W: w_ptr, and for int8 its scales s_ptr [N], for
-    int4 its scales s_ptr and zeros z_ptr [split_k, N] (a program's rows are one group); NW: w_ptr's row length (int4: int32
-    words, segment s starting at word (0, word1, word2)[s]; else N).
+    int4 its scales s_ptr and zeros z_ptr [K / GROUP, N] (a program's rows are whole groups of GROUP
+    rows); NW: w_ptr's row length (int4: int32 words, segment s starting at word (0, word1, word2)[s];
+    else N).
 
     BLOCK_M = 1 only: PROLOGUE makes the input from x inside the loads (_load_input), and COUNT
     adds the number of active channels of each segment into kept_ptr (int64 [n_segments]): the
@@ -212,11 +230,15 @@ def sparse_gemv_kernel(
     local_words = (col_start - seg_start) // 8 + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N // 8]
     word_cols = tl.where(seg == 0, 0, tl.where(seg == 1, word1, word2)) + local_words
     word_ok = local_words < (col_end - seg_start + 7) // 8
+    cols4 = col_start + tl.arange(0, BLOCK_N).reshape(BLOCK_N // 8, 2, 2, 2)  # int4: as its tiles order columns
+    ok4 = cols4 < col_end
     ms = tl.arange(0, BLOCK_M)  # [BLOCK_M]
     row_start = pid_k * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, K)
 
     if BLOCK_M == 1 and COMPACT:
+        # Not int4 (fit): a compacted tile's rows come from any group, each with its own scales.
+        tl.static_assert(WFMT != 2)
         # Phase 1: the indices and values of this program's active channels, packed into its own
         # scratch slots (one pass: rows_per_split <= COMPACT_BLOCK), so that phase 2 loads full
         # tiles whatever the sparsity.
@@ -234,7 +256,6 @@ def sparse_gemv_kernel(
         # so a tile's rows are in flight while the previous tile is summed.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
-        xs = tl.zeros([BLOCK_K], dtype=tl.float32)  # int4: the sum of the x multiplied
         idx = tl.load(index_ptr + scratch + ks, mask=ks < n_active, other=0)
         val = tl.load(value_ptr + scratch + ks, mask=ks < n_active, other=0.0)
         w = _load_weights(w_ptr, idx, cols, word_cols, ks < n_active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
@@ -247,12 +268,9 @@ def sparse_gemv_kernel(
             nnk = nk + BLOCK_K
             idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_active, other=0)
             val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_active, other=0.0)
-            acc += _times_rows(val, _dequantize(w, WFMT, ASM), WFMT)
-            if WFMT == 2:
-                xs += val
+            acc += _times_rows(val, _dequantize(w, 0.0, 0.0, WFMT, ASM), WFMT)
             w, val, idx_next, val_next = w_next, val_next, idx_after, val_after
         part = tl.sum(acc, axis=0).reshape(BLOCK_N)[None, :]  # [1, BLOCK_N]: once a program
-        xsum = tl.sum(xs, axis=0)
     elif BLOCK_M == 1:
         if PROLOGUE != 0:
             # The prologue once for the whole range, into this program's scratch slots: the loop
@@ -269,24 +287,22 @@ def sparse_gemv_kernel(
         # previous tile is summed.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
-        xs = tl.zeros([BLOCK_K], dtype=tl.float32)  # int4: the sum of the x multiplied
         rows = row_start + ks
         x = tl.load(src + rows, mask=rows < row_end, other=0.0).to(tl.float32)
         active = (tl.abs(x) > t) & (rows < row_end)
         w = _load_weights(w_ptr, rows, cols, word_cols, active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
-        for k in range(row_start, row_end, BLOCK_K):
-            rows_next = k + BLOCK_K + ks  # [BLOCK_K]
-            x_next = tl.load(src + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
-            active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
-            w_next = _load_weights(w_ptr, rows_next, cols, word_cols, active_next, col_ok, word_ok, N, NW, WFMT, EVEN_N)
-            # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
-            xm = tl.where(active, x, 0.0)
-            acc += _times_rows(xm, _dequantize(w, WFMT, ASM), WFMT)
-            if WFMT == 2:
-                xs += xm
-            x, active, w = x_next, active_next, w_next
+        if WFMT == 2:
+            # A group at a time, its constants loaded once; the prefetch runs on across groups.
+            for g0 in range(row_start, row_end, GROUP):
+                a, b = _int4_group(s_ptr, z_ptr, g0 // GROUP, cols4, ok4, N)
+                for k in range(g0, tl.minimum(g0 + GROUP, row_end), BLOCK_K):
+                    x, active, w, acc = _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok,
+                                                     N, NW, x, active, w, a, b, acc, WFMT, EVEN_N, ASM, BLOCK_K)
+        else:
+            for k in range(row_start, row_end, BLOCK_K):
+                x, active, w, acc = _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok,
+                                                 N, NW, x, active, w, 0.0, 0.0, acc, WFMT, EVEN_N, ASM, BLOCK_K)
         part = tl.sum(acc, axis=0).reshape(BLOCK_N)[None, :]  # [1, BLOCK_N]: once a program
-        xsum = tl.sum(xs, axis=0)
         if COUNT:
             kept = tl.zeros([], dtype=tl.int32)
             if pid_n == first_block:
@@ -298,7 +314,6 @@ def sparse_gemv_kernel(
                     kept += tl.sum(((tl.abs(xr) > t) & (rr < row_end)).to(tl.int32), axis=0)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # int4: the sums of the x multiplied
         for k in range(row_start, row_end, BLOCK_K):
             rows = k + tl.arange(0, BLOCK_K)  # [BLOCK_K]
             x_ok = (ms < M)[:, None] & (rows < row_end)[None, :]  # [BLOCK_M, BLOCK_K]
@@ -307,22 +322,21 @@ def sparse_gemv_kernel(
             any_active = tl.max(active.to(tl.int32), axis=0) > 0  # [BLOCK_K]: union over x's rows
             w = _load_weights(w_ptr, rows, cols, word_cols, any_active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
             xm = tl.where(active, x, 0.0)
-            if WFMT == 2:
-                xs += xm.to(tl.float32)
             if DOT_FP32 or WFMT != 0:
                 # fp32 products: fp32 weights and dequantized ones (rounding them to x's dtype would
                 # change the weight); the interpreter's tl.dot cannot multiply bf16 (numpy has none).
-                tile = _dequantize(w, WFMT, ASM).reshape(BLOCK_K, BLOCK_N)
+                if WFMT == 2:
+                    a, b = _int4_group(s_ptr, z_ptr, k // GROUP, cols4, ok4, N)  # the tile lies in one group
+                else:
+                    a, b = 0.0, 0.0
+                tile = _dequantize(w, a, b, WFMT, ASM).reshape(BLOCK_K, BLOCK_N)
                 acc = tl.dot(xm.to(tl.float32), tile, acc, input_precision="ieee")  # not tf32
             else:
                 acc = tl.dot(xm.to(w.dtype), w, acc)
         part = acc  # [BLOCK_M, BLOCK_N]
-        xsum = tl.sum(xs, axis=1)[:, None]  # [BLOCK_M, 1]
 
     if WFMT == 1:
         part *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]  # int8: the column's scale, once
-    if WFMT == 2:
-        part = _int4_scale(part, xsum, s_ptr, z_ptr, pid_k, cols, col_ok, N)  # program pid_k's rows: group pid_k
     if BLOCK_M == 1 and COUNT:
         if pid_n == first_block:
             tl.atomic_add(kept_ptr + seg, kept.to(tl.int64))
@@ -380,12 +394,14 @@ def weight_format(data, scales, zeros, group_size):
 
 
 def fit(cfg, wfmt, group, K):
-    """A config as the weight format takes it: int4 programs of one group each (rows_per_program =
-    group, block_k <= group), so that a program applies its group's scales and zeros once, to its
-    sums, and its loop does no per-column work."""
+    """A config as the weight format takes it. int4: programs of whole groups (rows_per_program a
+    multiple of the group) and tiles within one (block_k <= group), so that a tile's rows share
+    their per-column constants, loaded once a group; the masked loop only, since a compacted
+    tile's rows could come from any group."""
     if wfmt != INT4:
         return cfg
-    return Config(cfg.block_n, min(cfg.block_k, group), group, cfg.num_warps, cfg.compact)
+    rows = max(group, cfg.rows_per_program // group * group)
+    return Config(cfg.block_n, min(cfg.block_k, group), rows, cfg.num_warps, False)
 
 
 _plans = {}  # (everything a launch depends on but the tensors' values) -> Plan
@@ -439,24 +455,28 @@ class Plan:
             DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",
             COMPACT=compact, COMPACT_BLOCK=COMPACT_BLOCK,
             PROLOGUE=prologue, NORM_BLOCK=triton.next_power_of_2(K) if prologue == 1 else 1,
-            HAS_RESIDUAL=residual is not None, COUNT=kept is not None, WFMT=wfmt, ASM=x.device.type == "cuda",
+            HAS_RESIDUAL=residual is not None, COUNT=kept is not None, WFMT=wfmt, GROUP=group, ASM=x.device.type == "cuda",
             num_warps=cfg.num_warps, **({} if cap is None else {"maxnreg": cap}))
         # The launch takes the constexprs positionally, after the arguments, in the kernel's order.
         self.constexprs = [self.meta[name] for name in sparse_gemv_kernel.arg_names if name in self.meta]
-        self.compiled = {}  # pointer alignments -> compiled kernel
+        self.compiled = {}  # pointer alignments -> the compiled kernel's launcher on self.grid
 
     def launch(self, args):
         """sparse_gemv_kernel on args. On CUDA straight into the kernel compiled for these pointers'
         alignments (Triton specializes on them; the plan's key fixes every other specialized
-        value), past Triton's binding of 36 arguments a call, most of an eager call's host time."""
+        value), past Triton's binding of the arguments, most of an eager call's host time.
+        The pointers go as integers: the launcher then skips, for each, a data_ptr() call and a
+        driver query of the pointer."""
         if args[0].device.type != "cuda":
             sparse_gemv_kernel[self.grid](*args, **self.meta)
             return
-        aligned = tuple(a.data_ptr() % 16 == 0 for a in args[:N_POINTERS])  # the pointers come first
-        kernel = self.compiled.get(aligned)
-        if kernel is None:
-            kernel = self.compiled[aligned] = sparse_gemv_kernel.warmup(*args, grid=self.grid, **self.meta)
-        kernel[self.grid](*args, *self.constexprs)
+        pointers = [a.data_ptr() for a in args[:N_POINTERS]]  # the pointers come first
+        aligned = tuple(p % 16 == 0 for p in pointers)
+        run = self.compiled.get(aligned)
+        if run is None:
+            kernel = sparse_gemv_kernel.warmup(*args, grid=self.grid, **self.meta)
+            run = self.compiled[aligned] = kernel[self.grid]
+        run(*pointers, *args[N_POINTERS:], *self.constexprs)
 
     def workspace(self, device):
         if self.generation != workspace.generation:  # another call grew a buffer: take the new ones
