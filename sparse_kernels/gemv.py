@@ -152,21 +152,18 @@ def _int4_group(s_ptr, z_ptr, group, cols4, ok4, N):
 
 
 @triton.jit
-def _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok, N, NW, x, active, w, x_next,
-                 active_next, a, b, acc, WFMT: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """One step of the masked loop on tile k (x, active, w: loaded by the steps before): loads
-    tile k + BLOCK_K's active rows' weights (which rows: x_next, active_next, loaded a step
-    earlier, so these loads wait on no load of x) and tile k + 2 BLOCK_K's inputs, then adds tile
-    k's products into acc."""
-    w_next = _load_weights(w_ptr, k + BLOCK_K + ks, cols, word_cols, active_next, col_ok, word_ok, N, NW, WFMT, EVEN_N)
-    rows_after = k + 2 * BLOCK_K + ks  # [BLOCK_K]
-    x_after = tl.load(src + rows_after, mask=rows_after < row_end, other=0.0).to(tl.float32)
-    active_after = (tl.abs(x_after) > t) & (rows_after < row_end)
+def _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok, N, NW, x, active, w, a, b, acc,
+                 WFMT: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One step of the masked loop: loads tile k + BLOCK_K's inputs and active rows' weights, then
+    adds tile k's products (x, active, w: loaded by the step before) into acc."""
+    rows_next = k + BLOCK_K + ks  # [BLOCK_K]
+    x_next = tl.load(src + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
+    active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
+    w_next = _load_weights(w_ptr, rows_next, cols, word_cols, active_next, col_ok, word_ok, N, NW, WFMT, EVEN_N)
     # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
     xm = tl.where(active, x, 0.0)
     acc += _times_rows(xm, _dequantize(w, a, b, WFMT, ASM), WFMT)
-    return x_next, active_next, w_next, x_after, active_after, acc
+    return x_next, active_next, w_next, acc
 
 
 @triton.jit
@@ -286,30 +283,25 @@ def sparse_gemv_kernel(
             src = value_ptr + scratch - row_start  # x of row r at src + r, fp32
         else:
             src = x_ptr
-        # Weights run one tile ahead of the sum, inputs two: a tile's active rows are in flight
-        # while the previous tile is summed, and their loads wait on no load of x (one round trip
-        # a tile, not two: what bounds small tiles, int4's above all).
+        # Weights run one tile ahead of the sum: a tile's active rows are in flight while the
+        # previous tile is summed.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
         rows = row_start + ks
         x = tl.load(src + rows, mask=rows < row_end, other=0.0).to(tl.float32)
         active = (tl.abs(x) > t) & (rows < row_end)
         w = _load_weights(w_ptr, rows, cols, word_cols, active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
-        x_next = tl.load(src + rows + BLOCK_K, mask=rows + BLOCK_K < row_end, other=0.0).to(tl.float32)
-        active_next = (tl.abs(x_next) > t) & (rows + BLOCK_K < row_end)
         if WFMT == 2:
             # A group at a time, its constants loaded once; the prefetch runs on across groups.
             for g0 in range(row_start, row_end, GROUP):
                 a, b = _int4_group(s_ptr, z_ptr, g0 // GROUP, cols4, ok4, N)
                 for k in range(g0, tl.minimum(g0 + GROUP, row_end), BLOCK_K):
-                    x, active, w, x_next, active_next, acc = _masked_tile(
-                        src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok, N, NW, x, active, w, x_next,
-                        active_next, a, b, acc, WFMT, EVEN_N, ASM, BLOCK_K)
+                    x, active, w, acc = _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok,
+                                                     N, NW, x, active, w, a, b, acc, WFMT, EVEN_N, ASM, BLOCK_K)
         else:
             for k in range(row_start, row_end, BLOCK_K):
-                x, active, w, x_next, active_next, acc = _masked_tile(
-                    src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok, N, NW, x, active, w, x_next,
-                    active_next, 0.0, 0.0, acc, WFMT, EVEN_N, ASM, BLOCK_K)
+                x, active, w, acc = _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok,
+                                                 N, NW, x, active, w, 0.0, 0.0, acc, WFMT, EVEN_N, ASM, BLOCK_K)
         part = tl.sum(acc, axis=0).reshape(BLOCK_N)[None, :]  # [1, BLOCK_N]: once a program
         if COUNT:
             kept = tl.zeros([], dtype=tl.int32)
