@@ -113,26 +113,31 @@ def _nibble_float(shifted, ASM: tl.constexpr):
 
 
 @triton.jit
+def _nibbles(w, ASM: tl.constexpr):
+    """int4's 32-bit words [BLOCK_K, BLOCK_N // 8] -> 1 + q / 16, [BLOCK_K, BLOCK_N // 8, 2, 2, 2],
+    column 8w + j at [:, w, j // 4, j // 2 % 2, j % 2] (nibble j of word w: byte j // 2, its high
+    half for odd j). Left unreshaped, a nibble stays in the thread that loaded its word: a
+    [BLOCK_K, BLOCK_N] tile would pass through shared memory every tile. Nibble j is shifted by
+    19 - 4j to mantissa bits 19-22 under 1.0's exponent: a shift and a logic op a value."""
+    # Even j (low nibbles), then odd j; an arithmetic >> fills above bit 22.
+    low = tl.join(tl.join(_nibble_float(w << 19, ASM), _nibble_float(w << 3, ASM)),
+                  tl.join(_nibble_float(w << 11, ASM), _nibble_float(w >> 5, ASM)))
+    high = tl.join(tl.join(_nibble_float(w << 15, ASM), _nibble_float(w >> 1, ASM)),
+                   tl.join(_nibble_float(w << 7, ASM), _nibble_float(w >> 9, ASM)))
+    return tl.join(low, high)
+
+
+@triton.jit
 def _dequantize(w, a, b, WFMT: tl.constexpr, ASM: tl.constexpr):
     """A stored tile -> fp32: float [BLOCK_K, BLOCK_N] as it is; int8 [BLOCK_K, BLOCK_N] as integers
-    (its scale comes after the sum); int4 as the weight a * (1 + q / 16) + b, with _int4_group's a
-    and b of the tile's group, [BLOCK_K, BLOCK_N // 8, 2, 2, 2] with column 8w + j at
-    [:, w, j // 4, j // 2 % 2, j % 2] (nibble j of word w: byte j // 2, its high half for odd j).
-    Left unreshaped, a nibble stays in the thread that loaded its word: a [BLOCK_K, BLOCK_N] tile
-    would pass through shared memory every tile.
+    (its scale comes after the sum); int4 as the weight a * (1 + q / 16) + b (_nibbles' order, with
+    _int4_group's a and b of the tile's group).
 
     Integers become floats without a conversion instruction (a quarter of the FMA rate): bits set
-    into a float's mantissa read as that float plus the integer times their place. int8: b's sign
-    bit flipped into the mantissa of 2**23, then 2**23 + 128 off (exact). int4: nibble j shifted by
-    19 - 4j to mantissa bits 19-22 under 1.0's exponent, then one FMA: a shift, a logic op and two
-    FMAs a value, with the product."""
+    into a float's mantissa read as that float plus the integer times their place. int8: the sign
+    bit flipped into the mantissa of 2**23, then 2**23 + 128 off (exact)."""
     if WFMT == 2:
-        # Even j (low nibbles), then odd j; an arithmetic >> fills above bit 22.
-        low = tl.join(tl.join(_nibble_float(w << 19, ASM), _nibble_float(w << 3, ASM)),
-                      tl.join(_nibble_float(w << 11, ASM), _nibble_float(w >> 5, ASM)))
-        high = tl.join(tl.join(_nibble_float(w << 15, ASM), _nibble_float(w >> 1, ASM)),
-                       tl.join(_nibble_float(w << 7, ASM), _nibble_float(w >> 9, ASM)))
-        tile = tl.join(low, high) * a[None, :, :, :, :] + b[None, :, :, :, :]
+        tile = _nibbles(w, ASM) * a[None, :, :, :, :] + b[None, :, :, :, :]
     elif WFMT == 1:
         q = w.to(tl.uint8, bitcast=True).to(tl.int32)
         tile = (q ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
@@ -155,35 +160,47 @@ def _int4_group(s_ptr, z_ptr, group, cols4, ok4, N):
 def _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok, N, NW, x, active, w, a, b, acc,
                  WFMT: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr):
     """One step of the masked loop: loads tile k + BLOCK_K's inputs and active rows' weights, then
-    adds tile k's products (x, active, w: loaded by the step before) into acc."""
+    adds tile k's products (x, active, w: loaded by the step before) into acc (_acc_zeros' shape)."""
     rows_next = k + BLOCK_K + ks  # [BLOCK_K]
     x_next = tl.load(src + rows_next, mask=rows_next < row_end, other=0.0).to(tl.float32)
     active_next = (tl.abs(x_next) > t) & (rows_next < row_end)
     w_next = _load_weights(w_ptr, rows_next, cols, word_cols, active_next, col_ok, word_ok, N, NW, WFMT, EVEN_N)
     # where, not a multiply by the mask: an inactive inf or NaN must contribute 0.
     xm = tl.where(active, x, 0.0)
-    acc += _times_rows(xm, _dequantize(w, a, b, WFMT, ASM), WFMT)
+    if WFMT == 2:
+        # Summed down to the block's columns each tile, so that the accumulator takes no registers
+        # from the tile in flight; the group's scale and zero come after (the loop's caller).
+        acc += tl.sum(xm[:, None, None, None, None] * _nibbles(w, ASM), axis=0)
+    else:
+        acc += _times_rows(xm, _dequantize(w, a, b, WFMT, ASM))
     return x_next, active_next, w_next, acc
 
 
 @triton.jit
 def _acc_zeros(BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WFMT: tl.constexpr):
-    """fp32 zeros shaped as _dequantize's tiles."""
+    """fp32 zeros shaped as the masked loop's accumulator: the tile (a sum down its rows once, after
+    the loop), or int4's block of columns in _nibbles' order (summed every tile)."""
     if WFMT == 2:
-        acc = tl.zeros([BLOCK_K, BLOCK_N // 8, 2, 2, 2], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N // 8, 2, 2, 2], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     return acc
 
 
 @triton.jit
-def _times_rows(x, tile, WFMT: tl.constexpr):
-    """x [BLOCK_K] times each row of a _dequantize tile."""
+def _acc_sum(acc, BLOCK_N: tl.constexpr, WFMT: tl.constexpr):
+    """The masked loop's accumulator -> [1, BLOCK_N] sums, once a program."""
     if WFMT == 2:
-        out = x[:, None, None, None, None] * tile
+        part = acc.reshape(BLOCK_N)[None, :]
     else:
-        out = x[:, None] * tile
-    return out
+        part = tl.sum(acc, axis=0)[None, :]
+    return part
+
+
+@triton.jit
+def _times_rows(x, tile):
+    """x [BLOCK_K] times each row of a float or int8 _dequantize tile."""
+    return x[:, None] * tile
 
 
 @triton.jit
@@ -268,9 +285,9 @@ def sparse_gemv_kernel(
             nnk = nk + BLOCK_K
             idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_active, other=0)
             val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_active, other=0.0)
-            acc += _times_rows(val, _dequantize(w, 0.0, 0.0, WFMT, ASM), WFMT)
+            acc += _times_rows(val, _dequantize(w, 0.0, 0.0, WFMT, ASM))
             w, val, idx_next, val_next = w_next, val_next, idx_after, val_after
-        part = tl.sum(acc, axis=0).reshape(BLOCK_N)[None, :]  # [1, BLOCK_N]: once a program
+        part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]: once a program
     elif BLOCK_M == 1:
         if PROLOGUE != 0:
             # The prologue once for the whole range, into this program's scratch slots: the loop
@@ -292,17 +309,25 @@ def sparse_gemv_kernel(
         active = (tl.abs(x) > t) & (rows < row_end)
         w = _load_weights(w_ptr, rows, cols, word_cols, active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
         if WFMT == 2:
-            # A group at a time, its constants loaded once; the prefetch runs on across groups.
+            # A group at a time: its tiles' sums of x (1 + q / 16) down to the block's columns, then
+            # the group's constants applied once, to them and to the group's sum of x (its inputs
+            # loaded again, from L1): sum x (q - zero) scale = a * sum x (1 + q / 16) + b * sum x.
+            # The prefetch runs on across groups.
             for g0 in range(row_start, row_end, GROUP):
-                a, b = _int4_group(s_ptr, z_ptr, g0 // GROUP, cols4, ok4, N)
+                sums = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
                 for k in range(g0, tl.minimum(g0 + GROUP, row_end), BLOCK_K):
-                    x, active, w, acc = _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok,
-                                                     N, NW, x, active, w, a, b, acc, WFMT, EVEN_N, ASM, BLOCK_K)
+                    x, active, w, sums = _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok,
+                                                      N, NW, x, active, w, 0.0, 0.0, sums, WFMT, EVEN_N, ASM, BLOCK_K)
+                gs = g0 + tl.arange(0, GROUP)  # [GROUP]
+                xg = tl.load(src + gs, mask=gs < row_end, other=0.0).to(tl.float32)
+                xsum = tl.sum(tl.where((tl.abs(xg) > t) & (gs < row_end), xg, 0.0), axis=0)
+                a, b = _int4_group(s_ptr, z_ptr, g0 // GROUP, cols4, ok4, N)
+                acc += a * sums + b * xsum
         else:
             for k in range(row_start, row_end, BLOCK_K):
                 x, active, w, acc = _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok,
                                                  N, NW, x, active, w, 0.0, 0.0, acc, WFMT, EVEN_N, ASM, BLOCK_K)
-        part = tl.sum(acc, axis=0).reshape(BLOCK_N)[None, :]  # [1, BLOCK_N]: once a program
+        part = _acc_sum(acc, BLOCK_N, WFMT)  # [1, BLOCK_N]: once a program
         if COUNT:
             kept = tl.zeros([], dtype=tl.int32)
             if pid_n == first_block:

@@ -12,10 +12,11 @@ from sparse_kernels.packed import pack_weight
 # accumulators a thread, times rows per program, times the two loops.
 TILES = [(256, 32, 4), (256, 64, 8), (128, 64, 4), (512, 32, 8), (512, 16, 4), (1024, 16, 8)]
 ROWS_PER_PROGRAM = [128, 256, 512, 1024]
-# int4 tiles of the same shape hold a quarter of the bytes, so it also tries tiles of 128
-# accumulators a thread (more bytes in flight), of 32 (more programs resident an SM), and one-warp
-# programs, whose end-of-program sum needs no shared memory.
-INT4_TILES = [(512, 64, 8), (1024, 32, 8), (128, 32, 4), (256, 16, 4), (128, 16, 1), (256, 16, 2), (64, 32, 1)]
+# int4's masked loop sums each tile down to the block's columns, so its registers go to the words
+# in flight: it also tries taller tiles and programs of one and two warps (one warp sums in
+# registers and shuffles only).
+INT4_TILES = [(128, 64, 1), (256, 32, 1), (128, 32, 1), (64, 64, 1), (128, 128, 1), (128, 64, 2), (256, 64, 2),
+              (256, 32, 2), (512, 32, 4), (128, 16, 1)]
 CANDIDATES = [Config(block_n=n, block_k=k, rows_per_program=r, num_warps=w, compact=c)
               for n, k, w in TILES for r in ROWS_PER_PROGRAM for c in (True, False)]
 INT4_CANDIDATES = CANDIDATES + [Config(block_n=n, block_k=k, rows_per_program=r, num_warps=w, compact=c)
