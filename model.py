@@ -290,7 +290,7 @@ class Transformer(nn.Module):
     def use_persistent(self, enabled=True):
         """Run each sparse one-token decode step's layers as one persistent kernel (sparse_kernels.
         decode_layers) instead of five kernels a layer -> whether it can run here; if not (no Triton
-        device, a batch, tensor parallelism, a grid that cannot be resident) it says why once and the
+        device, a batch, tensor parallelism, a grid that cannot be resident) it says why and the
         per-projection kernels stay. After setup_caches, before compiling the step: it builds the
         kernel's plan for these caches and weights, which must not move afterwards."""
         self.persistent = None
@@ -299,6 +299,23 @@ class Transformer(nn.Module):
         cache = self.layers[0].attention.kv_cache
         if cache is None:
             raise RuntimeError("use_persistent needs the KV caches: call setup_caches first")
+        args = self.decode_layers_args()
+        if cache.k.shape[0] != 1:
+            reason = "one sequence only"
+        elif any(proj.group is not None for proj in self.projections()):
+            reason = "tensor parallelism"
+        else:
+            x = torch.zeros(1, 1, self.config.dim, dtype=cache.k.dtype, device=cache.k.device)
+            reason = prepare_decode_layers(x, torch.zeros(1, dtype=torch.long, device=x.device), *args)
+        if reason is not None:
+            print(f"the persistent decode step cannot run here ({reason}): one kernel a projection", file=sys.stderr)
+            return False
+        self.persistent = args
+        return True
+
+    def decode_layers_args(self):
+        """decode_layers' arguments after x and pos: the rotary tables, each layer's tensors as
+        sparse_kernels.persistent's slots name them, the segment widths, heads, eps, group size."""
         weights, mutated = [], []
         for layer in self.layers:
             attn, ffn = layer.attention, layer.feed_forward
@@ -312,22 +329,8 @@ class Transformer(nn.Module):
             mutated += [attn.kv_cache.k, attn.kv_cache.v, *(proj.kept for proj in projections)]
         first = self.layers[0]
         splits = [w for proj, _ in first.projections() for w in proj.weight.splits]
-        attn = first.attention
-        args = (self.rope_cos, self.rope_sin, weights, mutated, splits, attn.n_head, attn.n_kv_head, self.config.norm_eps,
-                first.attention.qkv.weight.group_size or 0)
-        dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
-        x = torch.zeros(1, 1, self.config.dim, dtype=dtype, device=device)
-        if cache.k.shape[0] != 1:
-            reason = "one sequence only"
-        elif any(proj.group is not None for proj in self.projections()):
-            reason = "tensor parallelism"
-        else:
-            reason = prepare_decode_layers(x, torch.zeros(1, dtype=torch.long, device=device), *args)
-        if reason is not None:
-            print(f"the persistent decode step cannot run here ({reason}): one kernel a projection", file=sys.stderr)
-            return False
-        self.persistent = args
-        return True
+        return (self.rope_cos, self.rope_sin, weights, mutated, splits, first.attention.n_head, first.attention.n_kv_head,
+                self.config.norm_eps, first.attention.qkv.weight.group_size or 0)
 
     def forward(self, idx, input_pos=None, sparse=None):
         """idx: (B, T) token ids; input_pos: (T,) cache slots, or None for a cache-free causal pass.

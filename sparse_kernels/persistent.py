@@ -41,6 +41,10 @@ NUM_WARPS = 4
 # Every phase's registers are the kernel's: capped at the plain GEMV loop's 128 (gemv.register_cap),
 # four programs an SM. Attention takes 112-128 uncapped.
 MAX_REGISTERS = 128
+# Contracted multiply-adds: the GEMV loops need them (int4's would be bound by issue without);
+# attention's own launch turns them off for rope's rounding, so on a GPU its softmax sums may round
+# 1 ulp (fp32) apart from that launch's. The interpreter never contracts.
+FP_FUSION = True
 MAX_POLLS = 1 << 22  # a wait's bound on a GPU, seconds of polling: only a bug waits that long
 # Per layer, the tensors of the table: each is reached as layer 0's tensor (a kernel argument, so
 # typed and specialized on alignment) plus the table's offset, in elements, to this layer's.
@@ -99,7 +103,7 @@ def persistent_decode_kernel(
     D_BK: tl.constexpr, D_BN: tl.constexpr, D_RS: tl.constexpr, D_EVEN: tl.constexpr,
     D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_BLOCK: tl.constexpr, HEADS: tl.constexpr, COMBINE_SPLITS: tl.constexpr,
     DOT_FP32: tl.constexpr, COMPACT_BLOCK: tl.constexpr, COUNT: tl.constexpr, WFMT: tl.constexpr, ASM: tl.constexpr,
-    N_SLOTS: tl.constexpr, RESET_BLOCK: tl.constexpr,
+    N_SLOTS: tl.constexpr, PHASES: tl.constexpr, RESET_BLOCK: tl.constexpr,
 ):
     """Tasks pid, pid + G, ... of n_tasks (G programs): task i is phase p of layer i // per_layer,
     p counting the phase starts start1..start4 at or below i % per_layer. sync_ptr: int32 done
@@ -269,8 +273,9 @@ class Step:
         self.meta = dict(
             **gemv_meta("Q", qp, True), **gemv_meta("O", op, False), **gemv_meta("U", up, True), **gemv_meta("D", dp, False),
             **{k: att_meta[k] for k in ("D", "BLOCK_T", "GROUP_BLOCK", "HEADS", "COMBINE_SPLITS", "DOT_FP32")},
-            COMPACT_BLOCK=gemv.COMPACT_BLOCK, WFMT=wfmt, ASM=device.type == "cuda", N_SLOTS=len(SLOTS), RESET_BLOCK=256,
-            num_warps=NUM_WARPS, num_stages=attention.NUM_STAGES, **({"maxnreg": MAX_REGISTERS} if device.type == "cuda" else {}))
+            COMPACT_BLOCK=gemv.COMPACT_BLOCK, WFMT=wfmt, ASM=device.type == "cuda", N_SLOTS=len(SLOTS), PHASES=PHASES, RESET_BLOCK=256,
+            num_warps=NUM_WARPS, num_stages=attention.NUM_STAGES, enable_fp_fusion=FP_FUSION,
+            **({"maxnreg": MAX_REGISTERS} if device.type == "cuda" else {}))
         self.grids = {}  # COUNT -> programs
         self.counts = counts
 
