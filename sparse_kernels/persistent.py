@@ -80,6 +80,45 @@ def _wait(flag_ptr, need, err_ptr, max_polls):
     return seen >= need
 
 
+# One phase's task, a function of its own: inlined in the task loop, each phase's loop-invariant
+# values were hoisted out of it, all four phases' together (243 registers a thread, or spills at
+# MAX_REGISTERS); called, each phase allocates its own, as its own kernel does.
+@triton.jit(noinline=True)
+def _gemv_task(
+    i, row, x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr, kept_ptr,
+    K, N, NW, split1, split2, word1, word2, rows_per_split, n_blocks, split_k, eps,
+    W_SLOT: tl.constexpr, G_SLOT: tl.constexpr, KEPT_SLOT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, COMPACT_BLOCK: tl.constexpr, PROLOGUE: tl.constexpr,
+    NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr, WFMT: tl.constexpr, ASM: tl.constexpr,
+):
+    """Task i of a GEMV phase: program (i % n_blocks, i // n_blocks) of the projection's own launch,
+    on this layer's weight (slots W_SLOT and the three after it: scales, zeros, thresholds), norm
+    weight (G_SLOT; -1: none) and kept counts (KEPT_SLOT), one row of x."""
+    if G_SLOT >= 0:
+        g_ptr = _at(g_ptr, row, G_SLOT)
+    return _gemv_program(
+        i % n_blocks, i // n_blocks, n_blocks, split_k, x_ptr, _at(w_ptr, row, W_SLOT), _at(s_ptr, row, W_SLOT + 1),
+        _at(z_ptr, row, W_SLOT + 2), _at(t_ptr, row, W_SLOT + 3), y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr,
+        res_ptr, _at(kept_ptr, row, KEPT_SLOT), 1, K, N, NW, split1, split2, word1, word2, rows_per_split, eps, 0, 0, 1,
+        1, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, False, False, COMPACT_BLOCK, PROLOGUE, NORM_BLOCK, HAS_RESIDUAL, COUNT,
+        WFMT, ASM)
+
+
+@triton.jit(noinline=True)
+def _attention_task(
+    i, row, qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, y_ptr, partial_ptr, count_ptr,
+    S, n_head, n_kv_head, qk_scale, n_bg, n_splits,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_BLOCK: tl.constexpr, HEADS: tl.constexpr, COMBINE_SPLITS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """Task i of the attention phase: program (i % n_bg, i // n_bg) of decode attention's own launch,
+    on this layer's caches (slots 18 and 19)."""
+    return _attention_program(
+        i % n_bg, i // n_bg, n_bg, n_splits, qkv_ptr, _at(k_cache_ptr, row, 18), _at(v_cache_ptr, row, 19), cos_ptr, sin_ptr,
+        pos_ptr, y_ptr, partial_ptr, count_ptr, S, n_head, n_kv_head, qk_scale, D, BLOCK_T, GROUP_BLOCK, HEADS, COMBINE_SPLITS,
+        DOT_FP32)
+
+
 # split_k set to 1 must stay a runtime value: every phase's `wrote` is then of one type.
 @triton.jit(do_not_specialize=["q_sk", "o_sk", "u_sk", "d_sk"])
 def persistent_decode_kernel(
@@ -128,38 +167,30 @@ def persistent_decode_kernel(
         if ready:
             row = table_ptr + layer * N_SLOTS
             if phase == 0:  # qkv(RMSNorm(x) * g1)
-                wrote = _gemv_program(
-                    r % q_nb, r // q_nb, q_nb, q_sk, x_ptr, _at(qw_ptr, row, 1), _at(qs_ptr, row, 2), _at(qz_ptr, row, 3),
-                    _at(qt_ptr, row, 4), qkv_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, _at(g1_ptr, row, 0), x_ptr,
-                    _at(qkept_ptr, row, 20), 1, q_K, q_N, q_NW, q_s1, q_s2, q_w1, q_w2, q_rows, eps, 0, 0, 1,
-                    1, Q_BK, Q_BN, Q_RS, Q_EVEN, DOT_FP32, False, COMPACT_BLOCK, 1, Q_NORM, False, COUNT, WFMT, ASM)
+                wrote = _gemv_task(
+                    r, row, x_ptr, qw_ptr, qs_ptr, qz_ptr, qt_ptr, qkv_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
+                    g1_ptr, x_ptr, qkept_ptr, q_K, q_N, q_NW, q_s1, q_s2, q_w1, q_w2, q_rows, q_nb, q_sk, eps,
+                    1, 0, 20, Q_BK, Q_BN, Q_RS, Q_EVEN, COMPACT_BLOCK, 1, Q_NORM, False, COUNT, WFMT, ASM)
             elif phase == 1:  # attention: rope, the cache write, attention over 0..pos
-                i = r - start1
-                wrote = _attention_program(
-                    i % n_bg, i // n_bg, n_bg, n_splits, qkv_ptr, _at(k_cache_ptr, row, 18), _at(v_cache_ptr, row, 19),
-                    cos_ptr, sin_ptr, pos_ptr, attn_ptr, partial_ptr, count_ptr, S, n_head, n_kv_head, qk_scale,
-                    D, BLOCK_T, GROUP_BLOCK, HEADS, COMBINE_SPLITS, DOT_FP32)
+                wrote = _attention_task(
+                    r - start1, row, qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, attn_ptr, partial_ptr,
+                    count_ptr, S, n_head, n_kv_head, qk_scale, n_bg, n_splits, D, BLOCK_T, GROUP_BLOCK, HEADS, COMBINE_SPLITS,
+                    DOT_FP32)
             elif phase == 2:  # h = x + o(attention)
-                i = r - start2
-                wrote = _gemv_program(
-                    i % o_nb, i // o_nb, o_nb, o_sk, attn_ptr, _at(ow_ptr, row, 5), _at(os_ptr, row, 6), _at(oz_ptr, row, 7),
-                    _at(ot_ptr, row, 8), h_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, x_ptr, x_ptr,
-                    _at(okept_ptr, row, 21), 1, o_K, o_N, o_NW, o_s1, o_s2, o_w1, o_w2, o_rows, eps, 0, 0, 1,
-                    1, O_BK, O_BN, O_RS, O_EVEN, DOT_FP32, False, COMPACT_BLOCK, 0, 1, True, COUNT, WFMT, ASM)
+                wrote = _gemv_task(
+                    r - start2, row, attn_ptr, ow_ptr, os_ptr, oz_ptr, ot_ptr, h_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
+                    x_ptr, x_ptr, okept_ptr, o_K, o_N, o_NW, o_s1, o_s2, o_w1, o_w2, o_rows, o_nb, o_sk, eps,
+                    5, -1, 21, O_BK, O_BN, O_RS, O_EVEN, COMPACT_BLOCK, 0, 1, True, COUNT, WFMT, ASM)
             elif phase == 3:  # [gate | up](RMSNorm(h) * g2)
-                i = r - start3
-                wrote = _gemv_program(
-                    i % u_nb, i // u_nb, u_nb, u_sk, h_ptr, _at(uw_ptr, row, 10), _at(us_ptr, row, 11), _at(uz_ptr, row, 12),
-                    _at(ut_ptr, row, 13), gu_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, _at(g2_ptr, row, 9), h_ptr,
-                    _at(ukept_ptr, row, 22), 1, u_K, u_N, u_NW, u_s1, u_s2, u_w1, u_w2, u_rows, eps, 0, 0, 1,
-                    1, U_BK, U_BN, U_RS, U_EVEN, DOT_FP32, False, COMPACT_BLOCK, 1, U_NORM, False, COUNT, WFMT, ASM)
+                wrote = _gemv_task(
+                    r - start3, row, h_ptr, uw_ptr, us_ptr, uz_ptr, ut_ptr, gu_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
+                    g2_ptr, h_ptr, ukept_ptr, u_K, u_N, u_NW, u_s1, u_s2, u_w1, u_w2, u_rows, u_nb, u_sk, eps,
+                    10, 9, 22, U_BK, U_BN, U_RS, U_EVEN, COMPACT_BLOCK, 1, U_NORM, False, COUNT, WFMT, ASM)
             else:  # x = h + down(silu(gate) * up), in place: x's readers of this layer are done
-                i = r - start4
-                wrote = _gemv_program(
-                    i % d_nb, i // d_nb, d_nb, d_sk, gu_ptr, _at(dw_ptr, row, 14), _at(ds_ptr, row, 15), _at(dz_ptr, row, 16),
-                    _at(dt_ptr, row, 17), x_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, gu_ptr, h_ptr,
-                    _at(dkept_ptr, row, 23), 1, d_K, d_N, d_NW, d_s1, d_s2, d_w1, d_w2, d_rows, eps, 0, 0, 1,
-                    1, D_BK, D_BN, D_RS, D_EVEN, DOT_FP32, False, COMPACT_BLOCK, 2, 1, True, COUNT, WFMT, ASM)
+                wrote = _gemv_task(
+                    r - start4, row, gu_ptr, dw_ptr, ds_ptr, dz_ptr, dt_ptr, x_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
+                    gu_ptr, h_ptr, dkept_ptr, d_K, d_N, d_NW, d_s1, d_s2, d_w1, d_w2, d_rows, d_nb, d_sk, eps,
+                    14, -1, 23, D_BK, D_BN, D_RS, D_EVEN, COMPACT_BLOCK, 2, 1, True, COUNT, WFMT, ASM)
             if wrote:
                 # Every thread's stores of the block happen before the counter moves (barrier, then release).
                 tl.debug_barrier()
