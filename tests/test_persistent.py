@@ -5,7 +5,11 @@ The two paths run the same program code with the same configs, so with the inter
 multiply-adds) every sum is made in the same order: logits, caches and kept counts are compared
 bitwise, step after step, on a model with odd widths, in every weight format, dense, sparse and
 with every input dropped."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ import generate
 from model import ModelArgs, Transformer
 from quantize import quantize_model
 from sparse_kernels import check_decode_layers
-from tests.helpers import interpreted
+from tests.helpers import REPO, interpreted
 from tests.test_decode import thresholds_at
 
 # Odd widths: q, k, v of 96, 32 and 32; gate and up of 100 (int4: a last group of 4 at group size 32).
@@ -133,3 +137,21 @@ def test_falls_back_where_it_cannot_run(monkeypatch, capsys):
     model.setup_caches(2, 16)
     assert not model.use_persistent()
     assert "one sequence only" in capsys.readouterr().err
+
+
+def test_benchmark_decode_persistent_rows(tmp_path):
+    """--persistent: each format's persistent rows and fixed cost beside the per-projection ones;
+    the same tokens pass the same thresholds, so the measured sparsity is the same."""
+    out = tmp_path / "bench"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "scripts.benchmark_decode", "--model", "tiny", "--device", "cpu", "--no-compile",
+                           "--weights", "int8", "--sparsities", "0.5", "--new-tokens", "4", "--runs", "1", "--persistent",
+                           "--calibration-windows", "2", "--calibration-length", "32", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["int8 t=0 (sparse kernels)", "int8 sparse 0.5", "int8 persistent t=0", "int8 persistent 0.5"]
+    assert rows["int8 persistent 0.5"]["measured_sparsity"] == rows["int8 sparse 0.5"]["measured_sparsity"] > 0
+    assert {"int8", "int8 persistent"} <= set(result["fixed_costs"])
+    assert "| int8 persistent |" in out.with_suffix(".md").read_text()
