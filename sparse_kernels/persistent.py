@@ -5,8 +5,9 @@ Work decomposition: the step is a list of tasks in topological order, layer afte
 layer five phases: qkv's GEMV programs (RMSNorm prologue), attention's (kv head, split) programs,
 o's (residual epilogue), gate/up's (RMSNorm prologue), down's (SwiGLU prologue, residual epilogue).
 A task is one program of the kernel that phase launches alone (gemv._gemv_program at the same
-(output block, split-K range), attention._attention_program at the same (kv head, split)), run by
-the same code with the same config, so the two paths compute the same sums in the same order.
+(output block, split-K range), attention._attention_program at the same (kv head, split)), each
+phase's a noinline function (_gemv_task, _attention_task), with the per-projection path's config
+where it fits this kernel (phase_config): then the two paths make the same sums in the same order.
 
 Readiness: a done counter per (layer, phase) in global memory. The program that writes a block
 of a phase's output (the GEMV's last split-K arriver, attention's combining split) increments it
@@ -38,12 +39,13 @@ from sparse_kernels.workspace import sm_count, workspace
 
 PHASES = 5  # qkv, attention, o, gate_up, down
 NUM_WARPS = 4
-# Every phase's registers are the kernel's: capped at the plain GEMV loop's 128 (gemv.register_cap),
-# four programs an SM. Attention takes 112-128 uncapped.
+# The kernel's registers a thread, every phase's: the plain GEMV loop's 128 (gemv.register_cap),
+# four programs an SM. Capped so, ptxas spills 8-16 bytes a bf16 GEMV phase, none for int8 and int4,
+# none in attention (96 uncapped at head_dim 128); tests/compile_kernels.py prints the counts.
 MAX_REGISTERS = 128
 # Contracted multiply-adds: the GEMV loops need them (int4's would be bound by issue without);
-# attention's own launch turns them off for rope's rounding, so on a GPU its softmax sums may round
-# 1 ulp (fp32) apart from that launch's. The interpreter never contracts.
+# attention's own launch turns them off for rope's rounding, so on a GPU its softmax sums (and an
+# fp32 cache row) may round 1 ulp apart from that launch's. The interpreter never contracts.
 FP_FUSION = True
 MAX_POLLS = 1 << 22  # a wait's bound on a GPU, seconds of polling: only a bug waits that long
 # Per layer, the tensors of the table: each is reached as layer 0's tensor (a kernel argument, so
@@ -156,14 +158,18 @@ def persistent_decode_kernel(
     if probe != 0:
         tl.atomic_add(present_ptr, 1, sem="release", scope="gpu")
         _wait(present_ptr, G, err_ptr, max_polls)
+    known = -1  # the last done counter this program saw complete: its next tasks of the phase need no wait
     for task in range(pid, n_tasks, G):
         layer = task // per_layer
         r = task - layer * per_layer
         phase = (r >= start1).to(tl.int32) + (r >= start2).to(tl.int32) + (r >= start3).to(tl.int32) + (r >= start4).to(tl.int32)
         # The phase before: its done counter and its block count (none before layer 0's qkv).
         before = layer * PHASES + phase - 1
-        need = tl.where(phase == 0, d_nb, tl.where(phase == 1, q_nb, tl.where(phase == 2, n_bg, tl.where(phase == 3, o_nb, u_nb))))
-        ready = _wait(sync_ptr + tl.maximum(before, 0), tl.where(before < 0, 0, need), err_ptr, max_polls)
+        ready = (before < 0) | (before == known)
+        if ready == 0:
+            need = tl.where(phase == 0, d_nb, tl.where(phase == 1, q_nb, tl.where(phase == 2, n_bg, tl.where(phase == 3, o_nb, u_nb))))
+            ready = _wait(sync_ptr + before, need, err_ptr, max_polls)
+            known = tl.where(ready, before, known)
         if ready:
             row = table_ptr + layer * N_SLOTS
             if phase == 0:  # qkv(RMSNorm(x) * g1)
