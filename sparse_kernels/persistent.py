@@ -121,8 +121,9 @@ def _attention_task(
         DOT_FP32)
 
 
-# split_k set to 1 must stay a runtime value: every phase's `wrote` is then of one type.
-@triton.jit(do_not_specialize=["q_sk", "o_sk", "u_sk", "d_sk"])
+# split_k set to 1 must stay a runtime value: every phase's `wrote` is then of one type. The probe
+# launch (probe 1, n_tasks 0) must run the binary the steps run, so neither is specialized on.
+@triton.jit(do_not_specialize=["q_sk", "o_sk", "u_sk", "d_sk", "probe", "n_tasks"])
 def persistent_decode_kernel(
     table_ptr, sync_ptr, x_ptr, qkv_ptr, attn_ptr, h_ptr, gu_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
     cos_ptr, sin_ptr, pos_ptr,

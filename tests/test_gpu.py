@@ -375,11 +375,13 @@ def test_persistent_step_matches_per_projection(weights, level):
 
 
 def test_persistent_step_in_a_cuda_graph_replays_bitwise():
-    """The whole forward (embedding, the persistent kernel, head) captured once; each replay at a new
-    pos, written into the captured tensor, bitwise equal to the eager step: the counters reset
-    themselves, pos is read on the device."""
+    """The whole forward (embedding, the persistent kernel, head) captured once; at each new pos,
+    written into the captured tensor, the replay's residual stream (the final norm's input) and
+    cache row bitwise the eager step's: the counters reset themselves, pos is read on the device."""
     model = llama_like("bf16", seed=3)
     model.set_thresholds(thresholds_at(model, 0.5, seed=2))
+    streams = []
+    model.norm.register_forward_hook(lambda module, inputs, output: streams.append(inputs[0]))
     prompt = torch.randint(0, 512, (1, 50), device=CUDA)
     with torch.no_grad():
         model(prompt, torch.arange(50, device=CUDA))
@@ -393,16 +395,18 @@ def test_persistent_step_in_a_cuda_graph_replays_bitwise():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits_graph = model(token, pos)
+        captured = streams[-1]
         k_caches = [layer.attention.kv_cache.k for layer in model.layers]
         for step in range(50, 56):
             pos.fill_(step)
             graph.replay()
-            replayed = logits_graph.clone()
+            replayed, logits = captured.clone(), logits_graph.clone()
             row = [k[:, :, step].clone() for k in k_caches]
-            eager = model(token, pos)
-            assert torch.equal(replayed, eager), step
+            eager_logits = model(token, pos)
+            assert torch.equal(replayed, streams[-1]), step
             assert all(torch.equal(r, k[:, :, step]) for r, k in zip(row, k_caches))
-            token.copy_(eager[:, -1:].argmax(-1))
+            torch.testing.assert_close(logits, eager_logits)
+            token.copy_(eager_logits[:, -1:].argmax(-1))
     sparse_kernels.check_decode_layers()
 
 
