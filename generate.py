@@ -284,7 +284,7 @@ class Run:
             out = generate(self.model, prompt, a.max_new_tokens, self.steps.get(sparse, decode_one_token), sparse,
                            a.temperature, a.top_k, streamed, a.sparse_prefill and sparse)
             n_new = out.numel() - len(ids)
-            if self.model.persistent is not None:
+            if self.model.persistent:
                 check_decode_layers()  # a wait that gave up is an error, not a wrong reply
         finally:
             sync(self.device)

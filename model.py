@@ -264,7 +264,7 @@ class Transformer(nn.Module):
             if config.tie_embeddings:
                 self.output.weight = self.tok_embeddings.weight
         self.record = False  # record_sparsity
-        self.persistent = None  # use_persistent: the decode_layers arguments, or None for a kernel a projection
+        self.persistent = False  # use_persistent: every layer of a one-token sparse step in one kernel
         self.register_buffer("recorded_tokens", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         cos, sin = rope_table(config)
         self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype), persistent=False)
@@ -283,7 +283,7 @@ class Transformer(nn.Module):
         for pw in [proj.weight for proj, _ in self.layers[0].projections()] + [w for w in [self.packed_head()] if w is not None]:
             warm_up(pw, max_rows=batch_size)
         warm_up_attention(batch_size, attn.n_head, max_seq_length, attn.head_dim, device)
-        self.persistent = None
+        self.persistent = False
         if persistent:
             self.use_persistent()
 
@@ -293,7 +293,7 @@ class Transformer(nn.Module):
         device, a batch, tensor parallelism, a grid that cannot be resident) it says why and the
         per-projection kernels stay. After setup_caches, before compiling the step: it builds the
         kernel's plan for these caches and weights, which must not move afterwards."""
-        self.persistent = None
+        self.persistent = False
         if not enabled:
             return False
         cache = self.layers[0].attention.kv_cache
@@ -310,12 +310,14 @@ class Transformer(nn.Module):
         if reason is not None:
             print(f"the persistent decode step cannot run here ({reason}): one kernel a projection", file=sys.stderr)
             return False
-        self.persistent = args
+        self.persistent = True
         return True
 
     def decode_layers_args(self):
         """decode_layers' arguments after x and pos: the rotary tables, each layer's tensors as
-        sparse_kernels.persistent's slots name them, the segment widths, heads, eps, group size."""
+        sparse_kernels.persistent's slots name them, the segment widths, heads, eps, group size. Made
+        from the modules at each call, so that torch.compile sees each tensor as the parameter or
+        buffer it is (CUDA graphs then take them in place)."""
         weights, mutated = [], []
         for layer in self.layers:
             attn, ffn = layer.attention, layer.feed_forward
@@ -349,9 +351,8 @@ class Transformer(nn.Module):
             cache_len = self.layers[0].attention.kv_cache.k.shape[2]
             mask = input_pos[:, None] >= torch.arange(cache_len, device=idx.device)  # (T, cache_len)
         x = self.tok_embeddings(idx)  # (B, T, dim)
-        if self.persistent is not None and sparse and T == 1 and input_pos is not None:
-            cos, sin, *rest = self.persistent
-            x = decode_layers(x, input_pos, cos, sin, *rest, count=self.record)  # every layer, one launch
+        if self.persistent and sparse and T == 1 and input_pos is not None:
+            x = decode_layers(x, input_pos, *self.decode_layers_args(), count=self.record)  # every layer, one launch
         else:
             for layer in self.layers:
                 x = layer(x, (self.rope_cos, self.rope_sin), input_pos, mask, sparse)

@@ -354,11 +354,10 @@ def test_persistent_step_matches_per_projection(weights, level):
     with torch.no_grad():
         model(torch.randint(0, 512, (1, 100), device=CUDA), torch.arange(100, device=CUDA))
         assert model.use_persistent()
-        args = model.persistent
         token = torch.tensor([[7]], device=CUDA)
         for pos in range(100, 104):
             out = []
-            for persistent in (None, args):
+            for persistent in (False, True):
                 model.persistent = persistent
                 model.record_sparsity(True)
                 logits = model(token, torch.tensor([pos], device=CUDA)).float()
@@ -434,7 +433,7 @@ def test_persistent_grid_is_resident_and_a_wait_never_met_is_an_error():
         model(torch.randint(0, 512, (1, 8), device=CUDA), torch.arange(8, device=CUDA))
         assert model.use_persistent()
         x = torch.zeros(1, 1, LLAMA_LIKE.dim, dtype=torch.bfloat16, device=CUDA)
-        step = persistent.step_for(x, torch.zeros(1, dtype=torch.long, device=CUDA), *model.persistent)
+        step = persistent.step_for(x, torch.zeros(1, dtype=torch.long, device=CUDA), *model.decode_layers_args())
         kernel = persistent.persistent_decode_kernel.warmup(**step.args, x_ptr=x, pos_ptr=step.table, grid=(1,), COUNT=False,
                                                             **step.meta)
         kernel._init_handles()
@@ -446,9 +445,9 @@ def test_persistent_grid_is_resident_and_a_wait_never_met_is_an_error():
         with pytest.raises(RuntimeError, match="gave up waiting"):
             sparse_kernels.check_decode_layers()
         assert (step.sync == 0).all()
-        args, model.persistent = model.persistent, None
+        model.persistent = False
         ref = model(token, pos)
-        model.persistent = args
+        model.persistent = True
         got = model(token, pos)
         assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
     sparse_kernels.check_decode_layers()

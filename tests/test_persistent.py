@@ -64,12 +64,11 @@ def test_steps_are_bitwise_the_per_projection_steps(fmt, level):
     with torch.no_grad():
         model(prompt, torch.arange(5))  # a dense prefill fills slots 0..4
         assert model.use_persistent()
-        args = model.persistent
         token = torch.tensor([[7]])
         for pos in range(5, 9):
             input_pos = torch.tensor([pos])
             results = []
-            for persistent in (None, args):  # per-projection first; the persistent step rewrites slot pos
+            for persistent in (False, True):  # per-projection first; the persistent step rewrites slot pos
                 model.persistent = persistent
                 model.record_sparsity(True)
                 logits = model(token, input_pos)
@@ -114,15 +113,15 @@ def test_a_wait_that_is_never_met_reports_an_error():
         model(torch.tensor([[3, 1, 4]]), torch.arange(3))
         assert model.use_persistent()
         step = persistent.step_for(torch.zeros(1, 1, ODD.dim, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.long),
-                                   *model.persistent)
+                                   *model.decode_layers_args())
         step.sync[0] = -10**6
         model(torch.tensor([[7]]), torch.tensor([3]))
         with pytest.raises(RuntimeError, match="gave up waiting"):
             check_decode_layers()
         assert (step.sync == 0).all(), "the counters are reset and the flag cleared"
-        args, model.persistent = model.persistent, None
+        model.persistent = False
         ref = model(torch.tensor([[7]]), torch.tensor([3]))
-        model.persistent = args
+        model.persistent = True
         assert torch.equal(model(torch.tensor([[7]]), torch.tensor([3])), ref)
         check_decode_layers()
 
@@ -131,7 +130,7 @@ def test_falls_back_where_it_cannot_run(monkeypatch, capsys):
     """Off Triton (plain CPU) and for a batch: use_persistent says why and the step stays per projection."""
     model = odd_model("fp32")
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert not model.use_persistent() and model.persistent is None
+    assert not model.use_persistent() and not model.persistent
     assert "no Triton device" in capsys.readouterr().err
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model.setup_caches(2, 16)
