@@ -47,7 +47,7 @@ MAX_REGISTERS = 128
 # attention's own launch turns them off for rope's rounding, so on a GPU its softmax sums (and an
 # fp32 cache row) may round 1 ulp apart from that launch's. The interpreter never contracts.
 FP_FUSION = True
-MAX_POLLS = 1 << 22  # a wait's bound on a GPU, seconds of polling: only a bug waits that long
+MAX_POLLS = 1 << 20  # a wait's bound on a GPU, polls 100 ns apart and more: only a bug waits that long
 # Per layer, the tensors of the table: each is reached as layer 0's tensor (a kernel argument, so
 # typed and specialized on alignment) plus the table's offset, in elements, to this layer's.
 WEIGHT_SLOTS = ("attention_norm", "qkv", "qkv_scales", "qkv_zeros", "qkv_t", "o", "o_scales", "o_zeros", "o_t",
@@ -64,14 +64,19 @@ def _at(base, row, SLOT: tl.constexpr):
 
 
 @triton.jit
-def _wait(flag_ptr, need, err_ptr, max_polls):
+def _wait(flag_ptr, need, err_ptr, max_polls, ASM: tl.constexpr):
     """Spin until *flag_ptr >= need, then acquire what its incrementers released -> whether it got
-    there. After max_polls polls, or once another program has failed, give up and set the error flag."""
+    there. After max_polls polls, or once another program has failed, give up and set the error flag.
+    ASM (CUDA): a 100 ns sleep between polls, which leaves the SM's issue slots to the programs
+    beside this one, the producers among them."""
     seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
     if seen < need:
         polls = 0
         failed = tl.load(err_ptr, volatile=True)
         while (seen < need) & (failed == 0) & (polls < max_polls):
+            if ASM:
+                polls = tl.inline_asm_elementwise("nanosleep.u32 100;\n\tmov.u32 $0, $1;", "=r,r", [polls], dtype=tl.int32,
+                                                  is_pure=False, pack=1)
             seen = tl.load(flag_ptr, volatile=True)  # plain reads at L2 while waiting, not atomics
             failed = tl.load(err_ptr, volatile=True)
             polls += 1
@@ -158,7 +163,7 @@ def persistent_decode_kernel(
     err_ptr = present_ptr + 2
     if probe != 0:
         tl.atomic_add(present_ptr, 1, sem="release", scope="gpu")
-        _wait(present_ptr, G, err_ptr, max_polls)
+        _wait(present_ptr, G, err_ptr, max_polls, ASM)
     known = -1  # the last done counter this program saw complete: its next tasks of the phase need no wait
     for task in range(pid, n_tasks, G):
         layer = task // per_layer
@@ -169,7 +174,7 @@ def persistent_decode_kernel(
         ready = (before < 0) | (before == known)
         if ready == 0:
             need = tl.where(phase == 0, d_nb, tl.where(phase == 1, q_nb, tl.where(phase == 2, n_bg, tl.where(phase == 3, o_nb, u_nb))))
-            ready = _wait(sync_ptr + before, need, err_ptr, max_polls)
+            ready = _wait(sync_ptr + before, need, err_ptr, max_polls, ASM)
             known = tl.where(ready, before, known)
         if ready:
             row = table_ptr + layer * N_SLOTS
