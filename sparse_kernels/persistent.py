@@ -257,7 +257,7 @@ class Step:
         layers = [weights[i * n_w:(i + 1) * n_w] + mutated[i * n_m:(i + 1) * n_m] for i in range(n_layer)]
         first = dict(zip(SLOTS, layers[0]))
         device, dtype = x.device, x.dtype
-        self.device, self.n_layer = device, n_layer
+        self.device = device
         dim = x.shape[-1]
         qkv_w, gu_w = sum(splits[:3]), sum(splits[4:6])
         D = first["k_cache"].shape[-1]
@@ -287,7 +287,7 @@ class Step:
         for p, _ in plans:
             sizes = {k: max(sizes.get(k, 0), v) for k, v in p.sizes.items()}
         partials, counters, index, value = workspace.get(device, **sizes)
-        counts = [p.grid[0] * p.grid[1] for p in (qp,)] + [n_bg * n_splits] + [p.grid[0] * p.grid[1] for p in (op, up, dp)]
+        counts = [qp.grid[0] * qp.grid[1], n_bg * n_splits] + [p.grid[0] * p.grid[1] for p in (op, up, dp)]  # tasks a phase
         starts = [sum(counts[:i]) for i in range(1, PHASES)]
         self.n_done = n_layer * PHASES
         # done counters, the probe's count, the exit count, the error flag
@@ -320,7 +320,6 @@ class Step:
             num_warps=NUM_WARPS, num_stages=attention.NUM_STAGES, enable_fp_fusion=FP_FUSION,
             **({"maxnreg": MAX_REGISTERS} if device.type == "cuda" else {}))
         self.grids = {}  # COUNT -> programs
-        self.counts = counts
 
     def offsets(self, layers, slot):
         """Each layer's tensor of slot, in elements from layer 0's; all of one shape and dtype, and
