@@ -11,6 +11,7 @@ import thresholds
 import tp
 from checkpoint import CheckpointError
 from model import PROJECTIONS
+from sparse_kernels import check_decode_layers
 from thresholds import model_wide
 from tokenizer import TokenizerError, load_tokenizer
 
@@ -204,6 +205,8 @@ def arg_parser():
     p.add_argument("--sparse-prefill", action="store_true", help="threshold the prompt's projections too (TEAL keeps prefill dense)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="weights and activations (default: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--persistent", action="store_true",
+                   help="run each sparse decode step's layers as one persistent kernel (where it can run; else it says why)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (on CUDA: one CUDA graph a step); compiling takes a while, once")
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
@@ -232,7 +235,7 @@ def main(argv=None):
         cache_len = len(ids) + args.max_new_tokens
         if cache_len > model.config.block_size:
             raise UsageError(f"a prompt of {len(ids)} tokens plus {args.max_new_tokens} new tokens exceeds the model's {model.config.block_size}-token context")
-    model.setup_caches(1, cache_len)
+    model.setup_caches(1, cache_len, persistent=args.persistent)
     run = Run(model, tokenizer, args, device)
 
     if args.compile:
@@ -281,6 +284,8 @@ class Run:
             out = generate(self.model, prompt, a.max_new_tokens, self.steps.get(sparse, decode_one_token), sparse,
                            a.temperature, a.top_k, streamed, a.sparse_prefill and sparse)
             n_new = out.numel() - len(ids)
+            if self.model.persistent:
+                check_decode_layers()  # a wait that gave up is an error, not a wrong reply
         finally:
             sync(self.device)
             elapsed = time.perf_counter() - t0

@@ -7,6 +7,7 @@ Block.forward holds a block's whole computation; Projection.forward is where spa
 The model knows no files: checkpoint.py reads them and hands it canonical tensors (load_weights).
 """
 import math
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
 
-from sparse_kernels import (PackedWeight, decode_attention, projection_input, rms_norm, runs_triton, sparse_linear, warm_up,
-                            warm_up_attention)
+from sparse_kernels import (PackedWeight, decode_attention, decode_layers, prepare_decode_layers, projection_input, rms_norm,
+                            runs_triton, sparse_linear, warm_up, warm_up_attention)
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -263,12 +264,14 @@ class Transformer(nn.Module):
             if config.tie_embeddings:
                 self.output.weight = self.tok_embeddings.weight
         self.record = False  # record_sparsity
+        self.persistent = False  # use_persistent: every layer of a one-token sparse step in one kernel
         self.register_buffer("recorded_tokens", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         cos, sin = rope_table(config)
         self.register_buffer("rope_cos", cos.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(device=device, dtype=dtype), persistent=False)
 
-    def setup_caches(self, batch_size, max_seq_length):
+    def setup_caches(self, batch_size, max_seq_length, persistent=False):
+        """KV caches for batch_size sequences of max_seq_length tokens; persistent: use_persistent()."""
         if max_seq_length > self.config.block_size:
             raise ValueError(f"a cache of {max_seq_length} tokens exceeds the model's {self.config.block_size}")
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
@@ -280,6 +283,56 @@ class Transformer(nn.Module):
         for pw in [proj.weight for proj, _ in self.layers[0].projections()] + [w for w in [self.packed_head()] if w is not None]:
             warm_up(pw, max_rows=batch_size)
         warm_up_attention(batch_size, attn.n_head, max_seq_length, attn.head_dim, device)
+        self.persistent = False
+        if persistent:
+            self.use_persistent()
+
+    def use_persistent(self, enabled=True):
+        """Run each sparse one-token decode step's layers as one persistent kernel (sparse_kernels.
+        decode_layers) instead of five kernels a layer -> whether it can run here; if not (no Triton
+        device, a batch, tensor parallelism, a grid that cannot be resident) it says why and the
+        per-projection kernels stay. After setup_caches, before compiling the step: it builds the
+        kernel's plan for these caches and weights, which must not move afterwards."""
+        self.persistent = False
+        if not enabled:
+            return False
+        cache = self.layers[0].attention.kv_cache
+        if cache is None:
+            raise RuntimeError("use_persistent needs the KV caches: call setup_caches first")
+        args = self.decode_layers_args()
+        if cache.k.shape[0] != 1:
+            reason = "one sequence only"
+        elif any(proj.group is not None for proj in self.projections()):
+            reason = "tensor parallelism"
+        else:
+            x = torch.zeros(1, 1, self.config.dim, dtype=cache.k.dtype, device=cache.k.device)
+            reason = prepare_decode_layers(x, torch.zeros(1, dtype=torch.long, device=x.device), *args)
+        if reason is not None:
+            print(f"the persistent decode step cannot run here ({reason}): one kernel a projection", file=sys.stderr)
+            return False
+        self.persistent = True
+        return True
+
+    def decode_layers_args(self):
+        """decode_layers' arguments after x and pos: the rotary tables, each layer's tensors as
+        sparse_kernels.persistent's slots name them, the segment widths, heads, eps, group size. Made
+        from the modules at each call, so that torch.compile sees each tensor as the parameter or
+        buffer it is (CUDA graphs then take them in place)."""
+        weights, mutated = [], []
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            projections = (attn.qkv, attn.o, ffn.gate_up, ffn.down)
+            parts = []
+            for proj in projections:
+                data, scales, zeros, _ = proj.weight.kernel_tensors()
+                t = proj.thresholds  # stands in for the scales and zeros a format has not: never read
+                parts.append([data, t if scales is None else scales, t if zeros is None else zeros, t])
+            weights += [layer.attention_norm.weight, *parts[0], *parts[1], layer.ffn_norm.weight, *parts[2], *parts[3]]
+            mutated += [attn.kv_cache.k, attn.kv_cache.v, *(proj.kept for proj in projections)]
+        first = self.layers[0]
+        splits = [w for proj, _ in first.projections() for w in proj.weight.splits]
+        return (self.rope_cos, self.rope_sin, weights, mutated, splits, first.attention.n_head, first.attention.n_kv_head,
+                self.config.norm_eps, first.attention.qkv.weight.group_size or 0)
 
     def forward(self, idx, input_pos=None, sparse=None):
         """idx: (B, T) token ids; input_pos: (T,) cache slots, or None for a cache-free causal pass.
@@ -298,8 +351,11 @@ class Transformer(nn.Module):
             cache_len = self.layers[0].attention.kv_cache.k.shape[2]
             mask = input_pos[:, None] >= torch.arange(cache_len, device=idx.device)  # (T, cache_len)
         x = self.tok_embeddings(idx)  # (B, T, dim)
-        for layer in self.layers:
-            x = layer(x, (self.rope_cos, self.rope_sin), input_pos, mask, sparse)
+        if self.persistent and sparse and T == 1 and input_pos is not None:
+            x = decode_layers(x, input_pos, *self.decode_layers_args(), count=self.record)  # every layer, one launch
+        else:
+            for layer in self.layers:
+                x = layer(x, (self.rope_cos, self.rope_sin), input_pos, mask, sparse)
         return self.output(self.norm(x))  # (B, T, vocab_size)
 
     def projections(self):

@@ -10,6 +10,7 @@ during decode, not assumed. With --checkpoint, a real model and its thresholds f
     python -m scripts.benchmark_decode --model llama-3-8b --weights bf16 int8 int4
     python -m scripts.benchmark_decode --model llama-3-8b --weights bf16 int8 int4 --lm-head int8
     python -m scripts.benchmark_decode --model llama-3-8b --weights int8 --tune   # GEMV configs tuned first
+    python -m scripts.benchmark_decode --model llama-3-8b --weights bf16 int8 --persistent   # + the persistent kernel's rows
     python -m scripts.benchmark_decode --model llama-3-70b --weights int8 --sparsities 0.4,0.5,0.6
     torchrun --nproc_per_node 2 -m scripts.benchmark_decode --model llama-3-70b --weights bf16 int8 --sparsities 0.4,0.5
 
@@ -18,7 +19,8 @@ gpt-fast-style compiled step every ratio is against; int8: gpt-fast's weight-onl
 int4: torch's tinygemm), the sparse kernels at threshold 0 ("t=0"), then each sparsity. Ratios are
 against the first row of the run (dense bf16 where it is measured). Each format's fixed cost: the
 intercept of step time against bytes read over its t=0 and sparse rows, divided by the
-projections a step runs.
+projections a step runs. --persistent adds, for each format, its t=0 and sparse rows with the
+persistent decode kernel (every layer of a step in one launch), and their fixed cost.
 
 Under torchrun (tp.py) each rank holds its shard (the random model's weights drawn per shard, its
 thresholds rank 0's, calibrated on rank 0's shard, on every rank); every row adds the time a step's
@@ -41,7 +43,7 @@ from generate import DTYPES, UsageError, cli
 from model import PROJECTIONS, ModelArgs
 from quantize import dense_baseline
 from scripts.common import RESULTS, environment, save_figure, save_json
-from sparse_kernels import quantize
+from sparse_kernels import check_decode_layers, quantize
 from sparse_kernels import tuning
 from sparse_kernels.tuning import copy_bandwidth
 
@@ -167,7 +169,7 @@ def markdown(result):
         lines.append(f"| {r['variant']} | {r['target_sparsity']:.2f} | {r['measured_sparsity']:.3f} | {r['tok_s']:.1f} | "
                      f"{r['ms_per_token']:.2f} |{reduce} {r['tok_s'] / first['tok_s']:.2f}x | {r['effective_GBps']:.0f} | {ceiling} |")
     if result.get("fixed_costs"):
-        lines += ["", "| format | fixed cost a projection (us) | fitted GB/s |", "|---|---|---|"]
+        lines += ["", "| variant | fixed cost a projection (us) | fitted GB/s |", "|---|---|---|"]
         lines += [f"| {f} | {c['fixed_us_per_projection']:.2f} | {c['fitted_GBps'] or 0:.0f} |" for f, c in result["fixed_costs"].items()]
     for r in result["rows"]:
         if "profile" in r:
@@ -190,6 +192,10 @@ def plot(result, path):
     for i, fmt in enumerate(dict.fromkeys(r["format"] for r in result["rows"])):
         rows = [r for r in result["rows"] if r["format"] == fmt and r["kind"] == "kernel"]
         ax.plot([r["measured_sparsity"] for r in rows], [r["tok_s"] for r in rows], "o-", color=f"C{i}", label=f"{fmt} sparse kernels")
+        persistent = [r for r in result["rows"] if r["format"] == fmt and r["kind"] == "persistent"]
+        if persistent:
+            ax.plot([r["measured_sparsity"] for r in persistent], [r["tok_s"] for r in persistent], "s-", color=f"C{i}", alpha=0.6,
+                    label=f"{fmt} persistent kernel")
         for r in result["rows"]:
             if r["format"] == fmt and r["kind"] == "dense":
                 ax.axhline(r["tok_s"], color=f"C{i}", ls="--", lw=1, label=f"{r['variant']} ({r['tok_s']:.0f} tok/s)")
@@ -212,6 +218,8 @@ def parse_args(argv=None):
     p.add_argument("--weights", nargs="+", default=["bf16"], help="weight formats to build the random model in: bf16 int8 int4")
     p.add_argument("--group-size", type=int, default=128, help="int4's group size")
     p.add_argument("--lm-head", choices=("float", "int8"), default="float", help="the int8 and int4 models' lm_head (default: float)")
+    p.add_argument("--persistent", action="store_true",
+                   help="add each format's rows with the persistent decode kernel (every layer of a step in one launch)")
     p.add_argument("--tune", action="store_true", help="CUDA only: tune each projection's GEMV config first, in this process")
     p.add_argument("--method", choices=("greedy", "uniform"), default="greedy",
                    help="per-projection sparsities where the thresholds file has greedy rows (a random model's has none)")
@@ -275,6 +283,22 @@ def run_format(model, label, table, prompt, args, bandwidth, result, stem):
         save(stem, result)
     result.setdefault("fixed_costs", {})[label] = fixed_cost(kernel_rows, 4 * model.config.n_layer)
     save(stem, result)
+    if args.persistent and model.use_persistent():
+        # The same steps with every layer in one persistent kernel (sparse_kernels.persistent).
+        torch._dynamo.reset()  # the step's graph changes: compile afresh
+        decode = generate.decode_one_token if args.no_compile else generate.compile_decode()
+        rows = []
+        for name, s in tqdm([(f"{label} persistent t=0", 0.0)] + [(f"{label} persistent {s:g}", s) for s in args.sparsities],
+                            desc=f"{label} persistent", unit="variant"):
+            row = run_variant(model, decode, name, True, s, table, prompt, args, bandwidth)
+            row.update(format=label, kind="persistent")
+            result["rows"].append(row)
+            rows.append(row)
+            save(stem, result)
+        check_decode_layers()
+        model.use_persistent(False)
+        result["fixed_costs"][f"{label} persistent"] = fixed_cost(rows, 4 * model.config.n_layer)
+        save(stem, result)
     if fmt in ("int8", "int4") and args.device.startswith("cuda"):
         torch._dynamo.reset()  # new modules: compile afresh rather than pile guards on the old graphs
         baseline = {"int8": "gpt-fast int8 linear", "int4": "tinygemm int4"}[fmt]

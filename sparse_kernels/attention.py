@@ -96,7 +96,8 @@ def _combine(partial_ptr, stats_ptr, y_ptr, first, group, n_splits, live, D: tl.
 
 
 @triton.jit
-def _decode_attention_kernel(
+def _attention_program(
+    bg, split, n_bg, n_splits,
     qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, y_ptr, partial_ptr, count_ptr,
     S, n_head, n_kv_head, qk_scale,
     D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_BLOCK: tl.constexpr,
@@ -105,96 +106,112 @@ def _decode_attention_kernel(
     """Program (bg, s): the q heads of kv head g = bg % n_kv_head of sequence bg // n_kv_head, a
     row each, against split s of g's positions 0..pos; scores are in log2 units (qk_scale folds
     log2(e) / sqrt(D)) so exp2 serves. DOT_FP32: both dots in fp32, for fp32 caches and the
-    interpreter. COMBINE_SPLITS: the splits a round of the combine's loads takes (all q heads)."""
-    bg = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
+    interpreter. COMBINE_SPLITS: the splits a round of the combine's loads takes (all q heads).
+
+    Returns whether this program wrote y's heads (its kv head's only live split, or the last
+    arriver, which combines): the persistent decode kernel (persistent.py) signals them done then."""
     pos = tl.load(pos_ptr).to(tl.int32)
     # split_chunk on the device: the pos + 1 positions in live splits of chunk slots each.
     chunk = tl.cdiv(tl.cdiv(pos + 1, n_splits), BLOCK_T) * BLOCK_T
     live = tl.cdiv(pos + 1, chunk)
-    if split >= live:
-        return
-    b = bg // n_kv_head
-    g = bg % n_kv_head
-    group = n_head // n_kv_head
-    d = tl.arange(0, D)  # [D]
-    ts = tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    rows = tl.arange(0, GROUP_BLOCK)  # [GROUP_BLOCK]
-    real = rows < group  # padding rows (up to GROUP_BLOCK) are computed but never stored
-    heads = b * n_head + g * group + rows  # [GROUP_BLOCK]: the rows' q heads in y
-    cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+    wrote = split < 0  # splits from live on have nothing to attend and exit at once
+    if split < live:
+        b = bg // n_kv_head
+        g = bg % n_kv_head
+        group = n_head // n_kv_head
+        d = tl.arange(0, D)  # [D]
+        ts = tl.arange(0, BLOCK_T)  # [BLOCK_T]
+        rows = tl.arange(0, GROUP_BLOCK)  # [GROUP_BLOCK]
+        real = rows < group  # padding rows (up to GROUP_BLOCK) are computed but never stored
+        heads = b * n_head + g * group + rows  # [GROUP_BLOCK]: the rows' q heads in y
+        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
 
-    row = qkv_ptr + b * ((n_head + 2 * n_kv_head) * D)  # [(n_head + 2 n_kv_head) * D]: q | k | v
-    # Padding rows repeat the group's last q head: in bounds and finite.
-    q_ptr = row + (g * group + tl.minimum(rows, group - 1))[:, None] * D  # [GROUP_BLOCK, 1]
-    # Exact: rope rounds to the dtype. The dot takes q unscaled, so it is not rounded twice.
-    q = _rope(q_ptr, cos, sin, D).to(qkv_ptr.dtype.element_ty)  # [GROUP_BLOCK, D]
-    cache = ((b * n_kv_head + g) * S).to(tl.int64) * D  # this kv head's [S, D] slab
-    k_ptr = k_cache_ptr + cache
-    v_ptr = v_cache_ptr + cache
+        row = qkv_ptr + b * ((n_head + 2 * n_kv_head) * D)  # [(n_head + 2 n_kv_head) * D]: q | k | v
+        # Padding rows repeat the group's last q head: in bounds and finite.
+        q_ptr = row + (g * group + tl.minimum(rows, group - 1))[:, None] * D  # [GROUP_BLOCK, 1]
+        # Exact: rope rounds to the dtype. The dot takes q unscaled, so it is not rounded twice.
+        q = _rope(q_ptr, cos, sin, D).to(qkv_ptr.dtype.element_ty)  # [GROUP_BLOCK, D]
+        cache = ((b * n_kv_head + g) * S).to(tl.int64) * D  # this kv head's [S, D] slab
+        k_ptr = k_cache_ptr + cache
+        v_ptr = v_cache_ptr + cache
 
-    start = split * chunk
-    end = tl.minimum(start + chunk, pos)  # cached positions; pos itself comes from registers
-    m = tl.full([GROUP_BLOCK], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_BLOCK], dtype=tl.float32)
-    acc = tl.zeros([GROUP_BLOCK, D], dtype=tl.float32)
-    for t0 in range(start, end, BLOCK_T):
-        t = t0 + ts  # [BLOCK_T]
-        # Masked loads never read slots >= end: slots after pos may hold anything, NaN included.
-        ok = t < end
-        k = tl.load(k_ptr + t[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_T, D]
-        v = tl.load(v_ptr + t[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_T, D]
-        if DOT_FP32:
-            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")  # not tf32
+        start = split * chunk
+        end = tl.minimum(start + chunk, pos)  # cached positions; pos itself comes from registers
+        m = tl.full([GROUP_BLOCK], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_BLOCK], dtype=tl.float32)
+        acc = tl.zeros([GROUP_BLOCK, D], dtype=tl.float32)
+        for t0 in range(start, end, BLOCK_T):
+            t = t0 + ts  # [BLOCK_T]
+            # Masked loads never read slots >= end: slots after pos may hold anything, NaN included.
+            ok = t < end
+            k = tl.load(k_ptr + t[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_T, D]
+            v = tl.load(v_ptr + t[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_T, D]
+            if DOT_FP32:
+                qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")  # not tf32
+            else:
+                qk = tl.dot(q, tl.trans(k))  # [GROUP_BLOCK, BLOCK_T], fp32
+            scores = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))  # [GROUP_BLOCK]
+            p = tl.exp2(scores - m_new[:, None])  # [GROUP_BLOCK, BLOCK_T]
+            alpha = tl.exp2(m - m_new)  # [GROUP_BLOCK]
+            l = l * alpha + tl.sum(p, axis=1)
+            # As flash attention: the product takes p rounded to v's dtype, m and l the fp32 p. The
+            # fp32 path rounds it too, so the interpreter computes what the GPU does.
+            pv = p.to(v.dtype)  # [GROUP_BLOCK, BLOCK_T]
+            if DOT_FP32:
+                acc = tl.dot(pv.to(tl.float32), v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(pv, v, acc * alpha[:, None])  # [GROUP_BLOCK, D], fp32
+            m = m_new
+        if split == live - 1:
+            # The last live split holds pos: it writes the new row and is the only one to attend to
+            # it, from registers.
+            k_new = _rope(row + (n_head + g) * D, cos, sin, D)  # [D]
+            v_new = tl.load(row + (n_head + n_kv_head + g) * D + d)  # [D]
+            tl.store(k_ptr + pos * D + d, k_new.to(v_new.dtype))
+            tl.store(v_ptr + pos * D + d, v_new)
+            score = tl.sum(q.to(tl.float32) * k_new[None, :], axis=1) * qk_scale  # [GROUP_BLOCK]
+            m_new = tl.maximum(m, score)
+            p = tl.exp2(score - m_new)
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+            m = m_new
+
+        if live == 1:
+            wrote = live == 1
+            y = (acc / l[:, None]).to(y_ptr.dtype.element_ty)
+            tl.store(y_ptr + heads[:, None] * D + d[None, :], y, mask=real[:, None])
         else:
-            qk = tl.dot(q, tl.trans(k))  # [GROUP_BLOCK, BLOCK_T], fp32
-        scores = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=1))  # [GROUP_BLOCK]
-        p = tl.exp2(scores - m_new[:, None])  # [GROUP_BLOCK, BLOCK_T]
-        alpha = tl.exp2(m - m_new)  # [GROUP_BLOCK]
-        l = l * alpha + tl.sum(p, axis=1)
-        # As flash attention: the product takes p rounded to v's dtype, m and l the fp32 p. The
-        # fp32 path rounds it too, so the interpreter computes what the GPU does.
-        pv = p.to(v.dtype)  # [GROUP_BLOCK, BLOCK_T]
-        if DOT_FP32:
-            acc = tl.dot(pv.to(tl.float32), v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(pv, v, acc * alpha[:, None])  # [GROUP_BLOCK, D], fp32
-        m = m_new
-    if split == live - 1:
-        # The last live split holds pos: it writes the new row and is the only one to attend to
-        # it, from registers.
-        k_new = _rope(row + (n_head + g) * D, cos, sin, D)  # [D]
-        v_new = tl.load(row + (n_head + n_kv_head + g) * D + d)  # [D]
-        tl.store(k_ptr + pos * D + d, k_new.to(v_new.dtype))
-        tl.store(v_ptr + pos * D + d, v_new)
-        score = tl.sum(q.to(tl.float32) * k_new[None, :], axis=1) * qk_scale  # [GROUP_BLOCK]
-        m_new = tl.maximum(m, score)
-        p = tl.exp2(score - m_new)
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
-        m = m_new
+            # Partials: acc [B * n_head, n_splits, D], then (m, l) [B * n_head, n_splits, 2], fp32.
+            slots = heads * n_splits + split  # [GROUP_BLOCK]
+            stats_ptr = partial_ptr + n_bg * group * n_splits * D
+            tl.store(partial_ptr + slots[:, None] * D + d[None, :], acc, mask=real[:, None])
+            tl.store(stats_ptr + slots * 2, m, mask=real)
+            tl.store(stats_ptr + slots * 2 + 1, l, mask=real)
+            # All threads' partial stores happen before the counter moves (barrier, then release);
+            # the program that sees live - 1 acquires every other live program's partials.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + bg, 1, sem="acq_rel", scope="gpu")
+            wrote = arrived == live - 1
+            if wrote:
+                _combine(partial_ptr, stats_ptr, y_ptr, b * n_head + g * group, group, n_splits, live, D, HEADS, COMBINE_SPLITS)
+                tl.store(count_ptr + bg, 0)  # reset for the next call and for CUDA-graph replays
+    return wrote
 
-    if live == 1:
-        y = (acc / l[:, None]).to(y_ptr.dtype.element_ty)
-        tl.store(y_ptr + heads[:, None] * D + d[None, :], y, mask=real[:, None])
-    else:
-        # Partials: acc [B * n_head, n_splits, D], then (m, l) [B * n_head, n_splits, 2], fp32.
-        slots = heads * n_splits + split  # [GROUP_BLOCK]
-        stats_ptr = partial_ptr + tl.num_programs(0) * group * n_splits * D
-        tl.store(partial_ptr + slots[:, None] * D + d[None, :], acc, mask=real[:, None])
-        tl.store(stats_ptr + slots * 2, m, mask=real)
-        tl.store(stats_ptr + slots * 2 + 1, l, mask=real)
-        # All threads' partial stores happen before the counter moves (barrier, then release);
-        # the program that sees live - 1 acquires every other live program's partials.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(count_ptr + bg, 1, sem="acq_rel", scope="gpu")
-        if arrived == live - 1:
-            _combine(partial_ptr, stats_ptr, y_ptr, b * n_head + g * group, group, n_splits, live, D, HEADS, COMBINE_SPLITS)
-            tl.store(count_ptr + bg, 0)  # reset for the next call and for CUDA-graph replays
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, y_ptr, partial_ptr, count_ptr,
+    S, n_head, n_kv_head, qk_scale,
+    D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_BLOCK: tl.constexpr,
+    HEADS: tl.constexpr, COMBINE_SPLITS: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Program (bg, s) of the grid (batch x kv heads, splits of the cache): _attention_program."""
+    _attention_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
+                       qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, y_ptr, partial_ptr, count_ptr,
+                       S, n_head, n_kv_head, qk_scale, D, BLOCK_T, GROUP_BLOCK, HEADS, COMBINE_SPLITS, DOT_FP32)
 
 
 def split_plan(kv_heads, S, device):

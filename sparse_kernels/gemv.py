@@ -214,7 +214,8 @@ def _output(y, res_ptr, offs, ok, y_ptr, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def sparse_gemv_kernel(
+def _gemv_program(
+    pid_n, pid_k, n_blocks, split_k,
     x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr, kept_ptr,
     M, K, N, NW, split1, split2, word1, word2, rows_per_split, eps,
     stride_xm, stride_ym, stride_t,
@@ -234,11 +235,10 @@ def sparse_gemv_kernel(
     BLOCK_M = 1 only: PROLOGUE makes the input from x inside the loads (_load_input), and COUNT
     adds the number of active channels of each segment into kept_ptr (int64 [n_segments]): the
     first block of a segment counts them, its split_k programs one range each. Any BLOCK_M:
-    HAS_RESIDUAL returns res + y, y rounded to x's dtype first, as the unfused model adds."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    n_blocks = tl.num_programs(0)
-    split_k = tl.num_programs(1)
+    HAS_RESIDUAL returns res + y, y rounded to x's dtype first, as the unfused model adds.
+
+    Returns whether this program wrote y's block (split_k == 1, or the last arriver): the
+    persistent decode kernel (persistent.py) signals the block done then."""
     seg, col_start, col_end, seg_start, first_block = _block_columns(pid_n, N, split1, split2, BLOCK_N)
     t = tl.load(t_ptr + seg * stride_t)
     cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -369,6 +369,7 @@ def sparse_gemv_kernel(
     out_ok = (ms < M)[:, None] & col_ok[None, :]
     if split_k == 1:
         tl.store(y_ptr + out_offs, _output(part, res_ptr, out_offs, out_ok, y_ptr, HAS_RESIDUAL), mask=out_ok)
+        wrote = split_k == 1
     else:
         # Partials: [split_k, n_blocks, BLOCK_M * BLOCK_N] fp32, one dense tile per program.
         tile = ms[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BLOCK_M, BLOCK_N]
@@ -377,7 +378,8 @@ def sparse_gemv_kernel(
         # the program that sees split_k - 1 acquires every other program's partial.
         tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_k - 1:
+        wrote = arrived == split_k - 1
+        if wrote:
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for r in range(0, split_k, REDUCE_SPLITS):
                 rs = r + tl.arange(0, REDUCE_SPLITS)  # [REDUCE_SPLITS]: the splits summed together
@@ -389,6 +391,26 @@ def sparse_gemv_kernel(
                 total += tl.sum(parts, axis=0)
             tl.store(y_ptr + out_offs, _output(total, res_ptr, out_offs, out_ok, y_ptr, HAS_RESIDUAL), mask=out_ok)
             tl.store(count_ptr + pid_n, 0)  # reset for the next call and for CUDA-graph replays
+    return wrote
+
+
+@triton.jit
+def sparse_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr, kept_ptr,
+    M, K, N, NW, split1, split2, word1, word2, rows_per_split, eps,
+    stride_xm, stride_ym, stride_t,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
+    PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
+    WFMT: tl.constexpr, ASM: tl.constexpr,
+):
+    """Program (pid_n, pid_k) of the grid (output blocks, split-K ranges): _gemv_program."""
+    _gemv_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
+                  x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr,
+                  kept_ptr, M, K, N, NW, split1, split2, word1, word2, rows_per_split, eps, stride_xm, stride_ym, stride_t,
+                  BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, DOT_FP32, COMPACT, COMPACT_BLOCK, PROLOGUE, NORM_BLOCK,
+                  HAS_RESIDUAL, COUNT, WFMT, ASM)
 
 
 N_POINTERS = sum(name.endswith("_ptr") for name in sparse_gemv_kernel.arg_names)

@@ -176,3 +176,58 @@ def warm_up(pw, device=None, max_rows=MAX_KERNEL_ROWS):
     t = torch.zeros(len(pw.splits), device=device)
     for rows in sorted({1, min(2, max_rows), max_rows}):
         sparse_linear(torch.randn(rows, pw.in_features, device=device, dtype=pw.dtype), pw, t)
+
+
+# A decode step's layers in one persistent launch (sparse_kernels/persistent.py). The tensors come
+# as persistent.WEIGHT_SLOTS and MUTATED_SLOTS name them, layer after layer.
+@torch.library.custom_op("teal::decode_layers", mutates_args=("mutated",))
+def decode_layers_op(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weights: list[torch.Tensor],
+                     mutated: list[torch.Tensor], splits: list[int], n_head: int, n_kv_head: int, eps: float, group_size: int,
+                     count: bool) -> torch.Tensor:
+    from sparse_kernels.persistent import decode_layers as launch
+
+    return launch(x, pos, cos, sin, weights, mutated, splits, n_head, n_kv_head, eps, group_size, count)
+
+
+@decode_layers_op.register_fake
+def _(x, *args):
+    return torch.empty_like(x)
+
+
+def decode_layers(x, pos, cos, sin, weights, mutated, splits, n_head, n_kv_head, eps, group_size=0, count=False):
+    """Every layer of a Llama-style decode step for one token, in one persistent Triton launch:
+    x = h + down(silu(gate) * up) with [gate | up] = gate_up(RMSNorm(h)), h = x + o(attention), the
+    attention's q, k, v = qkv(RMSNorm(x)), each projection thresholded as sparse_linear does and
+    attention as decode_attention does (rope, cache write at pos).
+
+    x: [1, 1, dim], the residual stream entering the first layer; pos: 1-element integer tensor;
+    cos, sin: rotary tables; weights: per layer, in persistent.WEIGHT_SLOTS order, the norm weights
+    and each projection's kernel tensors (a missing int8/int4 one: any tensor, unread) and
+    thresholds; mutated: per layer, the k and v caches [1, n_kv_head, S, head_dim] and each
+    projection's kept counts (added to when count); splits: the widths of q, k, v, o, gate, up,
+    down. -> x after the last layer. Triton devices only, on the tensors prepare_decode_layers took."""
+    if not torch.compiler.is_compiling():
+        from sparse_kernels.persistent import decode_layers as launch
+
+        return launch(x, pos, cos, sin, weights, mutated, splits, n_head, n_kv_head, eps, group_size, count)
+    return decode_layers_op(x, pos, cos, sin, weights, mutated, list(splits), n_head, n_kv_head, eps, group_size, count)
+
+
+def prepare_decode_layers(x, pos, cos, sin, weights, mutated, splits, n_head, n_kv_head, eps, group_size=0):
+    """Build decode_layers' step for these tensors before CUDA-graph capture (it allocates, and on a
+    GPU compiles the kernel and checks that its grid is resident) -> None if it can run, else why
+    not: then keep to the per-projection kernels."""
+    if not runs_triton(x.device):
+        return "no Triton device"
+    if x.shape[:-1] != (1, 1):
+        return "one sequence of one token only"
+    from sparse_kernels.persistent import prepare
+
+    return prepare(x, pos, cos, sin, weights, mutated, splits, n_head, n_kv_head, eps, group_size)
+
+
+def check_decode_layers():
+    """Raise if a decode_layers step gave up on a wait since the last check (syncs the device)."""
+    from sparse_kernels.persistent import check
+
+    check()

@@ -3,14 +3,20 @@
 of its own: the test session builds the kernels for the interpreter, which runs a kernel's Python,
 not Triton's compiler. Each launch's arguments are built as the launcher builds them."""
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import traceback
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from sparse_kernels import attention, gemv
+from model import ModelArgs, Transformer
+from sparse_kernels import attention, gemv, persistent
 from sparse_kernels.packed import pack_weight
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -86,11 +92,39 @@ def attention_variant(dtype):
     compile_for_gpu(attention._decode_attention_kernel, args, gpu_meta(meta, dtype))
 
 
+def persistent_variant(fmt, count):
+    """The persistent decode kernel of a two-layer model whose widths (256 and up) give its GEMV
+    phases the GPU's tile sizes (128-wide blocks, 64 rows a tile); prints ptxas's count of its
+    registers, spills and shared memory on stderr (what decides how many programs are resident)."""
+    group = FORMATS[fmt]
+    config = ModelArgs(dim=256, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=384, vocab_size=64, block_size=128)
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    model = Transformer(config, dtype=dtype, fmt=None if fmt in ("bf16", "fp32") else fmt, group_size=group)
+    model.setup_caches(1, 128)
+    x = torch.zeros(1, 1, config.dim, dtype=dtype)
+    pos = torch.zeros(1, dtype=torch.long)
+    step = persistent.Step(x, pos, *model.decode_layers_args())
+    args = dict(step.args, x_ptr=x, pos_ptr=pos)
+    meta = {k: v for k, v in gpu_meta(step.meta, dtype).items() if k != "maxnreg"}
+    meta.update(COUNT=count, ASM=True, **({"maxnreg": persistent.MAX_REGISTERS} if persistent.MAX_REGISTERS else {}))
+    kernel = persistent.persistent_decode_kernel
+    compiled = compile_for_gpu(kernel, [args[name] for name in kernel.arg_names if name in args], meta)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(compiled.asm["ptx"])
+        f.flush()
+        done = subprocess.run([get_ptxas(TARGET.arch).path, "-v", f"--gpu-name=sm_{TARGET.arch}a", f.name, "-o", os.devnull],
+                              capture_output=True, text=True)
+    usage = " ".join(line.split("info    : ")[-1] for line in done.stderr.splitlines() if "Used" in line or "spill" in line)
+    print(f"persistent-{fmt}{'-count' if count else ''}: {usage}; shared {compiled.metadata.shared} bytes", file=sys.stderr)
+
+
 def variants():
     """name -> a function compiling that variant."""
     out = {f"gemv-{fmt}-{form}-{'compact' if compact else 'masked'}": (gemv_variant, (fmt, form, compact))
            for fmt in FORMATS for form in FORMS for compact in (False, True) if not (compact and FORMS[form][0] > 1)}
     out.update({f"attention-{TYPES[dtype]}": (attention_variant, (dtype,)) for dtype in (torch.bfloat16, torch.float32)})
+    out.update({f"persistent-{fmt}{'-count' if count else ''}": (persistent_variant, (fmt, count))
+                for fmt in FORMATS for count in (False, True)})
     return out
 
 

@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 import sparse_kernels.attention  # noqa: E402, F401  (imports triton)
 import sparse_kernels.gemv  # noqa: E402, F401
+import sparse_kernels.persistent  # noqa: E402, F401
 
 os.environ.pop("TRITON_INTERPRET", None)
 if before is not None:

@@ -20,7 +20,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import generate
-from model import Transformer
+import sparse_kernels
+from model import ModelArgs, Transformer
 from quantize import quantize_model
 from scripts.benchmark_attention import check as against_sdpa, make_case
 from sparse_kernels import pack_weight, projection_input, sparse_linear
@@ -317,3 +318,136 @@ def test_compiled_sparse_decode_matches_eager(dtype, weights):
         if level == 0.6:
             assert eager.tolist() != dense.tolist(), "thresholds that change no token test nothing"
     assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+
+
+# The persistent decode step (sparse_kernels/persistent.py): a Llama-like model whose GEMV phases
+# take the GPU's tile sizes, several splits a block and odd widths (gate/up 1400).
+LLAMA_LIKE = ModelArgs(dim=512, n_layer=4, n_head=8, n_kv_head=2, head_dim=64, intermediate_size=1400, vocab_size=512,
+                       block_size=256)
+
+
+def llama_like(weights, seed=0):
+    """A random LLAMA_LIKE model on the GPU in bf16, its projections in weights, caches of 256 tokens."""
+    torch.manual_seed(seed)
+    src = Transformer(LLAMA_LIKE)
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 1.0)
+        for proj in src.projections():
+            proj.weight.data.normal_(0, proj.weight.in_features ** -0.5)
+    model = Transformer(LLAMA_LIKE, dtype=torch.bfloat16, device=CUDA).load_weights(src.canonical_weights())
+    mode, _, group = weights.partition("-g")
+    if mode in ("int8", "int4"):
+        quantize_model(model, mode, int(group) if group else None)
+    model.setup_caches(1, 256)
+    return model.eval()
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8", "int4-g64"])
+@pytest.mark.parametrize("level", [0.0, 0.5])
+def test_persistent_step_matches_per_projection(weights, level):
+    """Each decode step through both paths from the same cache: logits and the cache rows within bf16
+    rounding (the programs' sums are the same; the configs and contraction may differ), the kept
+    counts equal (they compare the same bf16 inputs unless a rounding moved one across a threshold)."""
+    model = llama_like(weights)
+    model.set_thresholds(thresholds_at(model, level, seed=1))
+    with torch.no_grad():
+        model(torch.randint(0, 512, (1, 100), device=CUDA), torch.arange(100, device=CUDA))
+        assert model.use_persistent()
+        token = torch.tensor([[7]], device=CUDA)
+        for pos in range(100, 104):
+            out = []
+            for persistent in (False, True):
+                model.persistent = persistent
+                model.record_sparsity(True)
+                logits = model(token, torch.tensor([pos], device=CUDA)).float()
+                row = torch.cat([layer.attention.kv_cache.k[:, :, pos].flatten() for layer in model.layers]).float()
+                out.append((logits, row, sum(int(p.kept.sum()) for p in model.projections())))
+            (ref, ref_row, ref_kept), (got, got_row, got_kept) = out
+            assert torch.isfinite(got).all()
+            assert ((got - ref).norm() / ref.norm()).item() < 2e-2
+            assert ((got_row - ref_row).norm() / ref_row.norm()).item() < 2e-2
+            assert abs(got_kept - ref_kept) <= max(2, ref_kept // 1000)
+            token = ref[:, -1:].argmax(-1)
+        model.record_sparsity(False)
+    sparse_kernels.check_decode_layers()
+
+
+def test_persistent_step_in_a_cuda_graph_replays_bitwise():
+    """The whole forward (embedding, the persistent kernel, head) captured once; at each new pos,
+    written into the captured tensor, the replay's residual stream (the final norm's input) and
+    cache row bitwise the eager step's: the counters reset themselves, pos is read on the device."""
+    model = llama_like("bf16", seed=3)
+    model.set_thresholds(thresholds_at(model, 0.5, seed=2))
+    streams = []
+    model.norm.register_forward_hook(lambda module, inputs, output: streams.append(inputs[0]))
+    prompt = torch.randint(0, 512, (1, 50), device=CUDA)
+    with torch.no_grad():
+        model(prompt, torch.arange(50, device=CUDA))
+        assert model.use_persistent()
+        token, pos = torch.tensor([[11]], device=CUDA), torch.tensor([50], device=CUDA)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(token, pos)  # the warm-up a capture needs
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits_graph = model(token, pos)
+        captured = streams[-1]
+        k_caches = [layer.attention.kv_cache.k for layer in model.layers]
+        for step in range(50, 56):
+            pos.fill_(step)
+            graph.replay()
+            replayed, logits = captured.clone(), logits_graph.clone()
+            row = [k[:, :, step].clone() for k in k_caches]
+            eager_logits = model(token, pos)
+            assert torch.equal(replayed, streams[-1]), step
+            assert all(torch.equal(r, k[:, :, step]) for r, k in zip(row, k_caches))
+            torch.testing.assert_close(logits, eager_logits)
+            token.copy_(eager_logits[:, -1:].argmax(-1))
+    sparse_kernels.check_decode_layers()
+
+
+def test_compiled_persistent_decode_gives_the_per_projection_tokens():
+    """generate.py's compiled step (reduce-overhead: one CUDA graph) on the persistent path: the greedy
+    tokens of the eager per-projection path."""
+    torch._dynamo.reset()
+    model = llama_like("bf16", seed=4)
+    model.set_thresholds(thresholds_at(model, 0.5, seed=5))
+    prompt = torch.tensor([3, 1, 4, 1, 5], dtype=torch.int, device=CUDA)
+    eager = generate.generate(model, prompt, 24, generate.decode_one_token, True)
+    assert model.use_persistent()
+    compiled = generate.generate(model, prompt, 24, generate.compile_decode(), True)
+    assert compiled.tolist() == eager.tolist()
+    sparse_kernels.check_decode_layers()
+
+
+def test_persistent_grid_is_resident_and_a_wait_never_met_is_an_error():
+    """The probe passed with the computed grid; a producer that never signals (a done counter set far
+    below zero) makes check_decode_layers raise, in seconds, and the next step is right again."""
+    from sparse_kernels import persistent
+
+    model = llama_like("bf16", seed=6)
+    with torch.no_grad():
+        model(torch.randint(0, 512, (1, 8), device=CUDA), torch.arange(8, device=CUDA))
+        assert model.use_persistent()
+        x = torch.zeros(1, 1, LLAMA_LIKE.dim, dtype=torch.bfloat16, device=CUDA)
+        step = persistent.step_for(x, torch.zeros(1, dtype=torch.long, device=CUDA), *model.decode_layers_args())
+        kernel = persistent.persistent_decode_kernel.warmup(**step.args, x_ptr=x, pos_ptr=step.table, grid=(1,), COUNT=False,
+                                                            **step.meta)
+        kernel._init_handles()
+        sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
+        assert step.programs(False) == persistent.resident_programs(kernel, CUDA) >= sms
+        token, pos = torch.tensor([[5]], device=CUDA), torch.tensor([8], device=CUDA)
+        step.sync[2] = -10**6  # layer 0's o counter
+        model(token, pos)
+        with pytest.raises(RuntimeError, match="gave up waiting"):
+            sparse_kernels.check_decode_layers()
+        assert (step.sync == 0).all()
+        model.persistent = False
+        ref = model(token, pos)
+        model.persistent = True
+        got = model(token, pos)
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()).item() < 2e-2
+    sparse_kernels.check_decode_layers()
