@@ -403,14 +403,14 @@ def sparse_gemv_kernel(
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
     COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
     PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
-    WFMT: tl.constexpr, ASM: tl.constexpr,
+    WFMT: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
 ):
     """Program (pid_n, pid_k) of the grid (output blocks, split-K ranges): _gemv_program."""
     _gemv_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
                   x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr,
                   kept_ptr, M, K, N, NW, split1, split2, word1, word2, rows_per_split, eps, stride_xm, stride_ym, stride_t,
                   BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, DOT_FP32, COMPACT, COMPACT_BLOCK, PROLOGUE, NORM_BLOCK,
-                  HAS_RESIDUAL, COUNT, WFMT, ASM)
+                  HAS_RESIDUAL, COUNT, WFMT, GROUP, ASM)
 
 
 N_POINTERS = sum(name.endswith("_ptr") for name in sparse_gemv_kernel.arg_names)

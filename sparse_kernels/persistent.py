@@ -96,7 +96,8 @@ def _gemv_task(
     K, N, NW, split1, split2, word1, word2, rows_per_split, n_blocks, split_k, eps,
     W_SLOT: tl.constexpr, G_SLOT: tl.constexpr, KEPT_SLOT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, COMPACT_BLOCK: tl.constexpr, PROLOGUE: tl.constexpr,
-    NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr, WFMT: tl.constexpr, ASM: tl.constexpr,
+    NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """Task i of a GEMV phase: program (i % n_blocks, i // n_blocks) of the projection's own launch,
     on this layer's weight (slots W_SLOT and the three after it: scales, zeros, thresholds), norm
@@ -108,7 +109,7 @@ def _gemv_task(
         _at(z_ptr, row, W_SLOT + 2), _at(t_ptr, row, W_SLOT + 3), y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr,
         res_ptr, _at(kept_ptr, row, KEPT_SLOT), 1, K, N, NW, split1, split2, word1, word2, rows_per_split, eps, 0, 0, 1,
         1, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, False, False, COMPACT_BLOCK, PROLOGUE, NORM_BLOCK, HAS_RESIDUAL, COUNT,
-        WFMT, ASM)
+        WFMT, GROUP, ASM)
 
 
 @triton.jit(noinline=True)
@@ -149,8 +150,8 @@ def persistent_decode_kernel(
     U_BK: tl.constexpr, U_BN: tl.constexpr, U_RS: tl.constexpr, U_EVEN: tl.constexpr, U_NORM: tl.constexpr,
     D_BK: tl.constexpr, D_BN: tl.constexpr, D_RS: tl.constexpr, D_EVEN: tl.constexpr,
     D: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_BLOCK: tl.constexpr, HEADS: tl.constexpr, COMBINE_SPLITS: tl.constexpr,
-    DOT_FP32: tl.constexpr, COMPACT_BLOCK: tl.constexpr, COUNT: tl.constexpr, WFMT: tl.constexpr, ASM: tl.constexpr,
-    N_SLOTS: tl.constexpr, PHASES: tl.constexpr, RESET_BLOCK: tl.constexpr,
+    DOT_FP32: tl.constexpr, COMPACT_BLOCK: tl.constexpr, COUNT: tl.constexpr, WFMT: tl.constexpr, GROUP: tl.constexpr,
+    ASM: tl.constexpr, N_SLOTS: tl.constexpr, PHASES: tl.constexpr, RESET_BLOCK: tl.constexpr,
 ):
     """Tasks pid, pid + G, ... of n_tasks (G programs): task i is phase p of layer i // per_layer,
     p counting the phase starts start1..start4 at or below i % per_layer. sync_ptr: int32 done
@@ -182,7 +183,7 @@ def persistent_decode_kernel(
                 wrote = _gemv_task(
                     r, row, x_ptr, qw_ptr, qs_ptr, qz_ptr, qt_ptr, qkv_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
                     g1_ptr, x_ptr, qkept_ptr, q_K, q_N, q_NW, q_s1, q_s2, q_w1, q_w2, q_rows, q_nb, q_sk, eps,
-                    1, 0, 20, Q_BK, Q_BN, Q_RS, Q_EVEN, COMPACT_BLOCK, 1, Q_NORM, False, COUNT, WFMT, ASM)
+                    1, 0, 20, Q_BK, Q_BN, Q_RS, Q_EVEN, COMPACT_BLOCK, 1, Q_NORM, False, COUNT, WFMT, GROUP, ASM)
             elif phase == 1:  # attention: rope, the cache write, attention over 0..pos
                 wrote = _attention_task(
                     r - start1, row, qkv_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr, pos_ptr, attn_ptr, partial_ptr,
@@ -192,17 +193,17 @@ def persistent_decode_kernel(
                 wrote = _gemv_task(
                     r - start2, row, attn_ptr, ow_ptr, os_ptr, oz_ptr, ot_ptr, h_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
                     x_ptr, x_ptr, okept_ptr, o_K, o_N, o_NW, o_s1, o_s2, o_w1, o_w2, o_rows, o_nb, o_sk, eps,
-                    5, -1, 21, O_BK, O_BN, O_RS, O_EVEN, COMPACT_BLOCK, 0, 1, True, COUNT, WFMT, ASM)
+                    5, -1, 21, O_BK, O_BN, O_RS, O_EVEN, COMPACT_BLOCK, 0, 1, True, COUNT, WFMT, GROUP, ASM)
             elif phase == 3:  # [gate | up](RMSNorm(h) * g2)
                 wrote = _gemv_task(
                     r - start3, row, h_ptr, uw_ptr, us_ptr, uz_ptr, ut_ptr, gu_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
                     g2_ptr, h_ptr, ukept_ptr, u_K, u_N, u_NW, u_s1, u_s2, u_w1, u_w2, u_rows, u_nb, u_sk, eps,
-                    10, 9, 22, U_BK, U_BN, U_RS, U_EVEN, COMPACT_BLOCK, 1, U_NORM, False, COUNT, WFMT, ASM)
+                    10, 9, 22, U_BK, U_BN, U_RS, U_EVEN, COMPACT_BLOCK, 1, U_NORM, False, COUNT, WFMT, GROUP, ASM)
             else:  # x = h + down(silu(gate) * up), in place: x's readers of this layer are done
                 wrote = _gemv_task(
                     r - start4, row, gu_ptr, dw_ptr, ds_ptr, dz_ptr, dt_ptr, x_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
                     gu_ptr, h_ptr, dkept_ptr, d_K, d_N, d_NW, d_s1, d_s2, d_w1, d_w2, d_rows, d_nb, d_sk, eps,
-                    14, -1, 23, D_BK, D_BN, D_RS, D_EVEN, COMPACT_BLOCK, 2, 1, True, COUNT, WFMT, ASM)
+                    14, -1, 23, D_BK, D_BN, D_RS, D_EVEN, COMPACT_BLOCK, 2, 1, True, COUNT, WFMT, GROUP, ASM)
             if wrote:
                 # Every thread's stores of the block happen before the counter moves (barrier, then release).
                 tl.debug_barrier()
@@ -316,7 +317,7 @@ class Step:
         self.meta = dict(
             **gemv_meta("Q", qp, True), **gemv_meta("O", op, False), **gemv_meta("U", up, True), **gemv_meta("D", dp, False),
             **{k: att_meta[k] for k in ("D", "BLOCK_T", "GROUP_BLOCK", "HEADS", "COMBINE_SPLITS", "DOT_FP32")},
-            COMPACT_BLOCK=gemv.COMPACT_BLOCK, WFMT=wfmt, ASM=device.type == "cuda", N_SLOTS=len(SLOTS), PHASES=PHASES, RESET_BLOCK=256,
+            COMPACT_BLOCK=gemv.COMPACT_BLOCK, WFMT=wfmt, GROUP=qp.meta["GROUP"], ASM=device.type == "cuda", N_SLOTS=len(SLOTS), PHASES=PHASES, RESET_BLOCK=256,
             num_warps=NUM_WARPS, num_stages=attention.NUM_STAGES, enable_fp_fusion=FP_FUSION,
             **({"maxnreg": MAX_REGISTERS} if device.type == "cuda" else {}))
         self.grids = {}  # COUNT -> programs
