@@ -206,7 +206,7 @@ def arg_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="weights and activations (default: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--persistent", action="store_true",
-                   help="run each sparse decode step's layers as one persistent kernel (where it can run; else it says why)")
+                   help="experimental: run each sparse decode step's layers as one persistent kernel (where it can run; else it says why)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (on CUDA: one CUDA graph a step); compiling takes a while, once")
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
