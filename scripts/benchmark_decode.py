@@ -22,12 +22,21 @@ intercept of step time against bytes read over its t=0 and sparse rows, divided 
 projections a step runs. --persistent adds, for each format, its t=0 and sparse rows with the
 persistent decode kernel (every layer of a step in one launch), and their fixed cost.
 
+On the CPU (--device cpu) the step is eager (the sparse projections are the C++ kernel,
+sparse_kernels/cpu.py; the dense row is torch's own matmuls), and the ceiling is a 256 MiB copy's
+bandwidth on the same threads; the machine, its threads and load average are in the results.
+
+    python -m scripts.benchmark_decode --device cpu --checkpoint ~/.cache/teal/smollm2-135m-instruct --dtype fp32 --sparsities 0.25,0.4,0.5
+    python -m scripts.benchmark_decode --device cpu --model tiny --dtype fp32 --runs 3
+
 Under torchrun (tp.py) each rank holds its shard (the random model's weights drawn per shard, its
 thresholds rank 0's, calibrated on rank 0's shard, on every rank); every row adds the time a step's
 all-reduces take alone, timed after its runs, and tok/s, bytes and the ceiling are one GPU's. Rank 0
 writes the results.
 """
 import argparse
+import os
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -63,6 +72,30 @@ def random_model(name, dtype, device, fmt=None, group_size=None, head=None, seed
         W = torch.randn(pw.out_features, pw.in_features, device=device) * 0.02
         pw.load(quantize(W, pw.fmt, group_size) if pw.quantized else {"weight": W})
     return model.eval()
+
+
+def cpu_copy_bandwidth(runs=10):
+    """Bytes read + written per second by a 256 MiB copy on the CPU (torch's threads, median of
+    runs): 8x the last-level caches of common machines, so it measures memory, the CPU's ceiling."""
+    src = torch.ones(1 << 28, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        seconds.append(time.perf_counter() - t0)
+    return 2 * src.numel() / statistics.median(seconds)
+
+
+def cpu_name():
+    """The processor's model name (Linux), else what platform knows."""
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def random_thresholds(model, windows, length, seed=0):
@@ -158,8 +191,11 @@ def markdown(result):
     first = result["rows"][0]
     world = result.get("world_size", 1)
     ar = world > 1  # tensor parallelism: each step's all-reduce time beside its tok/s
+    cpu = (f" {result['cpu']}, {result['threads']} threads, load average {result['load_average_before'][0]:.2f} before,"
+           f" {result.get('load_average_after', [0])[0]:.2f} after; ceiling: a copy's {result['copy_bandwidth_GBps']:.1f} GB/s."
+           if "cpu" in result else "")
     lines = [f"Ratios against {first['variant']} in the same run."
-             + (f" {world} ranks (tensor parallel); GB/s and the ceiling are one GPU's." if ar else ""), "",
+             + (f" {world} ranks (tensor parallel); GB/s and the ceiling are one GPU's." if ar else "") + cpu, "",
              "| variant | target | measured sparsity | tok/s | ms/token |" + (" all-reduce us/step |" if ar else "")
              + " vs first | GB/s read | of ceiling |",
              "|---|---|---|---|---|" + ("---|" if ar else "") + "---|---|---|"]
@@ -230,7 +266,7 @@ def parse_args(argv=None):
     p.add_argument("--calibration-windows", type=int, default=8)
     p.add_argument("--calibration-length", type=int, default=128)
     p.add_argument("--profile-steps", type=int, default=20, help="CUDA only: decode steps under torch.profiler per variant (0: none)")
-    p.add_argument("--no-compile", action="store_true", help="eager decode (for CPU smoke tests)")
+    p.add_argument("--no-compile", action="store_true", help="eager decode (always on the CPU)")
     p.add_argument("--out", help="results stem (default benchmarks/results/decode_<model>_<dtype>)")
     return p.parse_args(argv)
 
@@ -244,7 +280,8 @@ def formats_of(args):
             raise UsageError(f"--weights takes bf16, int8 and int4, got {w!r}")
         fmt, group = WEIGHTS[w]
         head = args.lm_head if fmt and args.lm_head == "int8" else None
-        label = (w if fmt != "int4" else f"int4-g{args.group_size}") + ("-head8" if head else "")
+        name = args.dtype if fmt is None else w  # float weights: the activations' dtype
+        label = (name if fmt != "int4" else f"int4-g{args.group_size}") + ("-head8" if head else "")
         out.append((label, fmt, args.group_size if fmt == "int4" else None, head))
     return out
 
@@ -269,7 +306,8 @@ def run_format(model, label, table, prompt, args, bandwidth, result, stem):
     """Dense baseline first (plain torch: the model's matmuls for bf16), then the sparse kernels at
     t = 0 and every sparsity; each row saved as it comes."""
     fmt = model.projections()[0].weight.fmt
-    decode = generate.decode_one_token if args.no_compile else generate.compile_decode()
+    eager = args.no_compile or not args.device.startswith("cuda")  # the CPU's step: eager (README, Benchmarks)
+    decode = generate.decode_one_token if eager else generate.compile_decode()
     kernel_rows = []
     read = generate.bytes_per_token(model, torch.zeros(model.config.n_layer, len(PROJECTIONS)))
     variants = [(f"{label} t=0 (sparse kernels)", True, 0.0)] + [(f"{label} sparse {s:g}", True, s) for s in args.sparsities]
@@ -320,10 +358,16 @@ def main(argv=None):
         raise UsageError(f"--sparsities must lie in (0, 1), got {args.sparsities}")
     args.device = device = tp.init(generate.resolve_device(args.device))  # under torchrun: this rank's device
     dtype = DTYPES[args.dtype]
-    bandwidth = copy_bandwidth(device) if device.startswith("cuda") else None
+    bandwidth = copy_bandwidth(device) if device.startswith("cuda") else cpu_copy_bandwidth()
     result = dict(model=args.checkpoint or args.model, dtype=args.dtype, **environment(device, "benchmark_decode", argv),
                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs,
                   copy_bandwidth_GBps=bandwidth / 1e9 if bandwidth else None, world_size=tp.world_size(), rows=[])
+    if not device.startswith("cuda"):
+        from sparse_kernels import cpu
+
+        # The machine, and how busy it was: a shared machine's load shows in every row.
+        result.update(cpu=cpu_name(), threads=torch.get_num_threads(), load_average_before=os.getloadavg(),
+                      cpu_kernel=cpu.enabled(), omp_env={k: v for k, v in os.environ.items() if k.startswith("OMP_")})
     cache_len = args.prompt_tokens + max(args.new_tokens, args.profile_steps + 1)
     if args.checkpoint:
         model, meta, _, ckpt = generate.load_model(args.checkpoint, device, dtype)
@@ -352,6 +396,9 @@ def main(argv=None):
         torch._dynamo.reset()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    if "cpu" in result:
+        result["load_average_after"] = os.getloadavg()
+        save(stem, result)
     if tp.rank() == 0:
         atomic_write_text(stem.with_suffix(".md"), markdown(result))
         plot(result, stem.with_suffix(".png"))

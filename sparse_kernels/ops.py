@@ -8,13 +8,16 @@ Dispatch, per call:
 - more rows (prefill, large batches): a dense matmul on the masked input, one per segment. The
   union of 17+ rows' active channels is nearly every channel, so skipping rows buys little there,
   while tensor cores turn the product from bandwidth- into compute-bound;
-- plain CPU: the torch reference.
+- plain CPU, up to MAX_KERNEL_ROWS rows, float or int8 weights: the C++ kernel (sparse_kernels/cpu.py),
+  prologue, residual and count included, where it could be built and TEAL_CPU_KERNEL is not 0;
+  else, and for int4 weights, the torch reference.
 """
 import os
 from typing import Optional
 
 import torch
 
+from sparse_kernels import cpu
 from sparse_kernels.packed import dequantize
 from sparse_kernels.reference import count_kept, projection_input, segment_thresholds, sparse_linear_reference
 
@@ -32,6 +35,18 @@ def runs_triton(device):
     return device.type == "cuda" or triton_interpret()
 
 
+def runs_cpu_kernel(x, data, norm_weight, residual):
+    """Whether this plain-CPU call goes to the C++ kernel: float weights in x's dtype, or int8 (int4
+    has none), the fused tensors in x's dtype too, and the kernel there (cpu.enabled)."""
+    if x.device.type != "cpu" or triton_interpret():
+        return False
+    if data.dtype != x.dtype and data.dtype != torch.int8 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if any(t is not None and t.dtype != x.dtype for t in (norm_weight, residual)):
+        return False
+    return cpu.enabled()
+
+
 def _masked_matmul(x, data, thresholds, splits):
     absx = x.float().abs()
     parts, start = [], 0
@@ -47,6 +62,11 @@ def _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, r
     x2 = x.reshape(-1, x.shape[-1])  # [M, in] (or [M, 2 * in] with swiglu)
     res2 = None if residual is None else residual.reshape(-1, N)
     M = x2.shape[0]
+    if 0 < M <= MAX_KERNEL_ROWS and runs_cpu_kernel(x, data, norm_weight, residual):
+        nw = None if norm_weight is None else norm_weight.contiguous()
+        y = cpu.sparse_gemv(x2.contiguous(), data, thresholds.contiguous(), splits, nw, norm_eps, swiglu,
+                            None if res2 is None else res2.contiguous(), kept, scales)
+        return y.reshape(*x.shape[:-1], N)
     # Decode (one row): the kernel's launch makes the input and counts it; else torch does, here.
     fused = M == 1 and runs_triton(x.device)
     if not fused:
