@@ -1,6 +1,7 @@
 """scripts/calibrate.py on a tiny checkpoint: what it keeps of the file it replaces, its passes and
 their interpolation, resuming after an interruption; and Ctrl-C in the long-running scripts
-(calibrate, greedy_search, convert_gguf): one line, exit code 130, finished work kept."""
+(calibrate, greedy_search; convert_gguf's is in test_convert.py): one line, exit code 130, finished
+work kept."""
 import hashlib
 import json
 import shutil
@@ -190,15 +191,6 @@ def test_ctrl_c_in_greedy_search_keeps_the_finished_blocks(ckpt):
     code, err = interrupt(argv, lambda err: state.is_file())
     assert_one_line(code, err)
     assert not out.exists() and list(json.loads(state.read_text())["blocks"]) == ["0"]
-
-
-def test_ctrl_c_in_convert_gguf_leaves_no_checkpoint(bundled_gguf, tmp_path):
-    pytest.importorskip("gguf")
-    out = tmp_path / "converted"
-    code, err = interrupt([sys.executable, "scripts/convert_gguf.py", "--gguf", str(bundled_gguf), "--out", str(out)],
-                          lambda err: "%|" in err)
-    assert_one_line(code, err)
-    assert not (out / "model.safetensors").exists()
 
 
 def test_greedy_search_of_the_bundled_model_leaves_the_shipped_files_alone(tmp_path, monkeypatch, capsys):
