@@ -117,12 +117,13 @@ def test_find_thresholds(tiny, tmp_path, monkeypatch):
 
 
 def test_calibrate_script_needs_a_checkpoint(tmp_path, capsys):
+    from generate import cli
     from scripts import calibrate
 
     text = tmp_path / "text.txt"
     text.write_text("some text")
     with pytest.raises(SystemExit) as exit:
-        calibrate.cli(["--checkpoint", str(tmp_path / "none"), "--text", str(text)])
+        cli(calibrate.main, ["--checkpoint", str(tmp_path / "none"), "--text", str(text)])
     assert exit.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: checkpoint not found: {tmp_path / 'none'} (convert one with scripts/convert_gguf.py or scripts/convert_hf_checkpoint.py)"]

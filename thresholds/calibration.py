@@ -1,14 +1,20 @@
 """Uniform calibration: run text through the model, histogram each projection input's fp32 |x|
-per layer, and read the thresholds off the histograms' quantiles: first from a dense pass, then
-(refine) from a pass at each grid sparsity with its own thresholds applied, as decode applies them.
+per layer, and read the thresholds off the histograms' quantiles: from one dense pass, or (refine)
+from passes at some grid sparsities, each threshold read as its input arrives with everything
+upstream thresholded the same way, as decode applies them.
 
 Histograms keep memory constant however many tokens pass (a 7B model's activations are never
 stored) and work on any device. A bin is the top 16 bits of an fp32 |x|: one bin per bf16 value,
 128 bins per octave, so the edges are exact floats and each bin spans under 1% of its value.
 """
+import json
+import sys
+from pathlib import Path
+
 import torch
 from tqdm import tqdm
 
+from checkpoint import atomic_write_text
 from model import PROJECTIONS, observing
 from thresholds.store import Thresholds, config_dict
 
@@ -44,11 +50,15 @@ def input_columns(model):
 
 
 @torch.no_grad()
-def observe(model, windows, skip=SKIP, batch_size=1, thresholds=None, desc="dense"):
-    """Histograms of every projection input's fp32 |x| over causal passes of windows: dense, or
-    with `thresholds` ([n_layer, 7]) applied everywhere, as decode applies them.
+def observe(model, windows, skip=SKIP, batch_size=1, sparsity=None, progress=None):
+    """Histograms of every projection input's fp32 |x| over causal passes of windows through the
+    blocks (lm_head is not run: nothing reads it): dense, or at a uniform `sparsity`, where each
+    projection is thresholded at the `sparsity`-quantile of its input as histogrammed so far (this
+    batch included), read as the input arrives. So every input downstream is shaped by upstream
+    thresholds read the same way, as decode sees it, in one pass however many projections follow.
 
-    windows: [n, T] token ids; the first `skip` positions of each are left out.
+    windows: [n, T] token ids; the first `skip` positions of each are thresholded but left out of
+    the histograms. progress: a tqdm bar, advanced once a batch.
     -> [n_layer, 4, N_BINS] int64 counts, the 4 inputs in Block.projections() order.
     """
     if windows.shape[1] <= skip:
@@ -60,17 +70,22 @@ def observe(model, windows, skip=SKIP, batch_size=1, thresholds=None, desc="dens
     def count_into(layer, i):
         def observer(projection, x):  # x: (B, T, in_features), the projection's input proper
             counts[layer, i] += histogram(x[:, skip:])
+            if sparsity is not None:  # the projection then runs with this threshold
+                projection.thresholds.copy_(quantiles(counts[layer, i], [sparsity]).float().expand_as(projection.thresholds))
         return observer
 
     observers = {proj: count_into(layer, i) for layer, block in enumerate(model.layers)
                  for i, (proj, _) in enumerate(block.projections())}
+    rope = (model.rope_cos, model.rope_sin)
     kept_thresholds = model.get_thresholds()
     try:
-        if thresholds is not None:
-            model.set_thresholds(thresholds)
         with observing(observers):
-            for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", leave=False):
-                model(batch.to(device), sparse=thresholds is not None)
+            for batch in windows.split(batch_size):
+                x = model.tok_embeddings(batch.to(device))  # (B, T, dim)
+                for block in model.layers:
+                    x = block(x, rope, None, None, sparse=sparsity is not None)
+                if progress is not None:
+                    progress.update(1)
     finally:
         model.set_thresholds(kept_thresholds)
     return counts.cpu()
@@ -86,7 +101,7 @@ def quantiles(counts, sparsities):
     entries <= t, interpolated linearly inside the bin that holds it; exactly 0 at s = 0."""
     counts = counts.double()
     cdf = counts.cumsum(-1)
-    s = torch.tensor(sparsities, dtype=torch.float64)
+    s = torch.tensor(sparsities, dtype=torch.float64, device=counts.device)
     rank = s * cdf[..., -1:]  # [..., S]
     k = torch.searchsorted(cdf, rank.contiguous()).clamp(max=N_BINS - 2)  # first bin with cdf >= rank
     inside = counts.gather(-1, k)
@@ -95,27 +110,75 @@ def quantiles(counts, sparsities):
     return torch.where(s == 0, 0.0, lo + frac * (hi - lo))
 
 
-def calibrate(model, windows, grid=GRID, skip=SKIP, batch_size=1, refine=True):
+def passes(grid, stride):
+    """-> the grid indices calibrate runs a pass at: every stride-th point from the first nonzero
+    one, and the last, so that every other point lies between two of them."""
+    at = list(range(1, len(grid), stride))
+    return at if at[-1] == len(grid) - 1 else at + [len(grid) - 1]
+
+
+def calibrate(model, windows, grid=GRID, skip=SKIP, batch_size=1, refine=True, stride=2, state_path=None, settings=None):
     """Uniform thresholds for a model (in memory, on any device) from passes over windows.
 
-    windows: [n, T] token ids. A dense pass gives every grid point's thresholds. Thresholding
-    upstream projections shrinks the inputs downstream (down's input comes from thresholded gate
-    and up), so dense thresholds overshoot the sparsity they were read at; with `refine`, each grid
-    point gets one more pass with its thresholds applied and is re-read from the inputs that
-    pass sees, as decode sees them (one more pass over the windows per grid point).
+    windows: [n, T] token ids. Without `refine`, one dense pass gives every grid point. But
+    thresholding upstream projections shrinks the inputs downstream (down's input comes from
+    thresholded gate and up), so dense thresholds overshoot the sparsity they were read at; with
+    `refine`, a pass at sparsity s (observe) reads each threshold off the inputs that the thresholds
+    upstream of it produce, as decode sees them. Such a pass runs at every `stride`-th grid point
+    (passes()); a point between two passes a < g < b is read off both at g's own sparsity and
+    interpolated linearly between them by sparsity: what upstream thresholds do to an input
+    changes smoothly with their sparsity, so the interpolation's error is second order in the
+    spacing (stride 1: a pass at every point).
+    With state_path, each finished pass is written there at once, and a rerun with the same
+    settings (a JSON-able dict, default: the calibration's own arguments) resumes after it.
     -> Thresholds; name and fingerprint are left for the caller, who knows the checkpoint.
     """
     if grid[0] != 0 or any(b <= a for a, b in zip(grid, grid[1:])) or grid[-1] >= 1:
         raise ValueError(f"grid must rise from 0 to below 1, got {grid}")
-    cols = input_columns(model)
-    table = quantiles(observe(model, windows, skip, batch_size), grid)[:, cols]  # [n_layer, 7, len(grid)]
-    if refine:
-        for g in tqdm(range(1, len(grid)), desc="refine", unit="sparsity"):
-            counts = observe(model, windows, skip, batch_size, thresholds=table[..., g].float(), desc=f"at {grid[g]:.2f}")
-            table[..., g] = quantiles(counts, grid[g:g + 1])[:, cols, 0]
-        table = table.cummax(dim=-1).values  # re-read separately, neighbours could cross by noise
     n, T = windows.shape
+    cols = input_columns(model)
+    n_batches = -(-n // batch_size)
+    if refine:
+        at = passes(grid, stride)
+        settings = dict(settings or dict(windows=n, window_length=T, skip=skip, batch_size=batch_size), grid=list(grid), passes=at)
+        done = read_state(state_path, settings)  # {pass index: [n_layer, 4, len(grid)] quantiles}
+        todo = [a for a in at if a not in done]
+        if done:
+            print(f"resuming: {len(done)} of {len(at)} passes done, kept in {state_path}", file=sys.stderr)
+        with tqdm(total=len(todo) * n_batches, desc=f"calibrate ({len(at)} passes)", unit="batch") as bar:
+            for a in todo:
+                bar.set_postfix_str(f"sparsity {grid[a]:.2f}")
+                done[a] = quantiles(observe(model, windows, skip, batch_size, grid[a], bar), grid)
+                if state_path is not None:
+                    write_state(state_path, settings, done)
+        table = torch.zeros_like(done[at[0]])
+        for g in range(1, len(grid)):
+            lo, hi = max(a for a in at if a <= g), min(a for a in at if a >= g)  # at[0] is 1: both exist
+            w = (grid[g] - grid[lo]) / (grid[hi] - grid[lo]) if hi > lo else 0.0
+            table[..., g] = (1 - w) * done[lo][..., g] + w * done[hi][..., g]
+        table = table.cummax(dim=-1).values  # points read off different passes could cross by noise
+    else:
+        with tqdm(total=n_batches, desc="calibrate (dense)", unit="batch") as bar:
+            table = quantiles(observe(model, windows, skip, batch_size, progress=bar), grid)
     calibration = dict(windows=n, window_length=T, skip_positions=skip, tokens=n * (T - skip), refined=refine,
+                       **(dict(passes=[grid[a] for a in passes(grid, stride)]) if refine else {}),
                        histogram="fp32 |x|, 128 log-spaced bins per octave",
                        dtype=str(model.tok_embeddings.weight.dtype).removeprefix("torch."))
-    return Thresholds(grid=list(grid), uniform=table.float(), config=config_dict(model.config), calibration=calibration)
+    return Thresholds(grid=list(grid), uniform=table[:, cols].float(), config=config_dict(model.config), calibration=calibration)
+
+
+def read_state(path, settings):
+    """-> {grid index: [n_layer, 4, len(grid)] fp64 quantiles} of the passes an earlier run with
+    the same settings finished; {} if none."""
+    if path is None or not Path(path).is_file():
+        return {}
+    state = json.loads(Path(path).read_text())
+    if state.get("settings") != settings:
+        raise ValueError(f"{path} holds a calibration with other settings; delete it to start over")
+    return {int(g): torch.tensor(q, dtype=torch.float64) for g, q in state["passes"].items()}
+
+
+def write_state(path, settings, done):
+    """Atomically: an interruption leaves the previous state whole. Full-precision floats, so a
+    resumed calibration returns exactly what an uninterrupted one would."""
+    atomic_write_text(path, json.dumps(dict(settings=settings, passes={str(g): q.tolist() for g, q in sorted(done.items())})))
