@@ -21,6 +21,26 @@ def random_model(name="tiny", seed=0):
     return model.eval()
 
 
+def random_llama(config, dtype, mode=None, group_size=None, cache_len=64, device=None, seed=0):
+    """A random model of config (norm weights ~ N(1, 0.1), embeddings N(0, 1), projections N(0,
+    1 / in)), drawn in fp32 on the CPU and loaded in dtype on device, its projections quantized to
+    mode (int8, int4) where given, caches for one sequence of cache_len tokens."""
+    from quantize import quantize_model
+
+    torch.manual_seed(seed)
+    src = Transformer(config)
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 1.0)
+        for proj in src.projections():
+            proj.weight.data.normal_(0, proj.weight.in_features ** -0.5)
+    model = Transformer(config, dtype=dtype, device=device).load_weights(src.canonical_weights())
+    if mode:
+        quantize_model(model, mode, group_size)
+    model.setup_caches(1, cache_len)
+    return model.eval()
+
+
 def random_windows(model, n, length, seed):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (n, length), generator=g)

@@ -29,7 +29,7 @@ from sparse_kernels.configs import LLAMA_3_8B, Config
 from sparse_kernels.ops import MAX_KERNEL_ROWS
 from sparse_kernels.reference import count_kept
 from sparse_kernels.tuning import launch
-from tests.helpers import random_model
+from tests.helpers import random_llama, random_model
 from tests.test_attention import run_and_check
 from tests.test_decode import thresholds_at
 from tests.test_sparse_kernels import (TOLERANCE, check, fused_case, kernel_input, kernel_rounding, poison_workspace, reference,
@@ -328,19 +328,9 @@ LLAMA_LIKE = ModelArgs(dim=512, n_layer=4, n_head=8, n_kv_head=2, head_dim=64, i
 
 def llama_like(weights, seed=0):
     """A random LLAMA_LIKE model on the GPU in bf16, its projections in weights, caches of 256 tokens."""
-    torch.manual_seed(seed)
-    src = Transformer(LLAMA_LIKE)
-    with torch.no_grad():
-        for name, p in src.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 1.0)
-        for proj in src.projections():
-            proj.weight.data.normal_(0, proj.weight.in_features ** -0.5)
-    model = Transformer(LLAMA_LIKE, dtype=torch.bfloat16, device=CUDA).load_weights(src.canonical_weights())
     mode, _, group = weights.partition("-g")
-    if mode in ("int8", "int4"):
-        quantize_model(model, mode, int(group) if group else None)
-    model.setup_caches(1, 256)
-    return model.eval()
+    return random_llama(LLAMA_LIKE, torch.bfloat16, mode if mode in ("int8", "int4") else None, int(group) if group else None,
+                        cache_len=256, device=CUDA, seed=seed)
 
 
 @pytest.mark.parametrize("weights", ["bf16", "int8", "int4-g64"])

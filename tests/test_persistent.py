@@ -15,10 +15,9 @@ import pytest
 import torch
 
 import generate
-from model import ModelArgs, Transformer
-from quantize import quantize_model
+from model import ModelArgs
 from sparse_kernels import check_decode_layers
-from tests.helpers import REPO, interpreted
+from tests.helpers import REPO, interpreted, random_llama
 from tests.test_decode import thresholds_at
 
 # Odd widths: q, k, v of 96, 32 and 32; gate and up of 100 (int4: a last group of 4 at group size 32).
@@ -35,18 +34,7 @@ def triton_interpreter():
 def odd_model(fmt, seed=0):
     """A random model of ODD's shape in a weight format, caches for one sequence of 64 tokens."""
     dtype, mode, group = FORMATS[fmt]
-    torch.manual_seed(seed)
-    src = Transformer(ODD)
-    with torch.no_grad():
-        for name, p in src.named_parameters():
-            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 1.0)
-        for proj in src.projections():
-            proj.weight.data.normal_(0, proj.weight.in_features ** -0.5)
-    model = Transformer(ODD, dtype=dtype).load_weights(src.canonical_weights())
-    if mode:
-        quantize_model(model, mode, group)
-    model.setup_caches(1, 64)
-    return model.eval()
+    return random_llama(ODD, dtype, mode, group, cache_len=64, seed=seed)
 
 
 def caches(model):
