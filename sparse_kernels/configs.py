@@ -53,7 +53,8 @@ TUNED = {
     "NVIDIA H200": dict(
         command="python -m scripts.benchmark_gemv (tuned at 0% and 50% sparsity, bf16), 2026-11-23; "
                 "python -m scripts.benchmark_gemv --tune --models llama-3-8b --formats int8 (int4-g128) (the int8 "
-                "(int4) entries), 2026-12-03",
+                "(int4) entries), 2026-12-03; the int4 ones again by benchmark_decode --tune (int4-g128, the loop "
+                "of 0c8edf7), and --models llama-70b --formats int8 (the 70B int8 ones), 2026-12-03",
         configs={
             LLAMA_2_7B["qkv"]: Config(block_n=512, block_k=16, rows_per_program=256, num_warps=4, compact=False),
             LLAMA_2_7B["o"]: Config(block_n=128, block_k=64, rows_per_program=256, num_warps=4, compact=False),
@@ -74,11 +75,16 @@ TUNED = {
             (*LLAMA_3_8B["gate_up"], "int8"): Config(block_n=256, block_k=32, rows_per_program=1024, num_warps=4, compact=True),
             (*LLAMA_3_8B["down"], "int8"): Config(block_n=128, block_k=64, rows_per_program=1024, num_warps=4, compact=True),
             (*LLAMA_3_8B["gate"], "int8"): Config(block_n=128, block_k=64, rows_per_program=1024, num_warps=4, compact=True),
-            (*LLAMA_3_8B["qkv"], "int4"): Config(block_n=128, block_k=16, rows_per_program=256, num_warps=1, compact=False),
-            (*LLAMA_3_8B["o"], "int4"): Config(block_n=128, block_k=16, rows_per_program=128, num_warps=1, compact=False),
-            (*LLAMA_3_8B["gate_up"], "int4"): Config(block_n=1024, block_k=32, rows_per_program=1024, num_warps=8, compact=False),
-            (*LLAMA_3_8B["down"], "int4"): Config(block_n=128, block_k=16, rows_per_program=512, num_warps=1, compact=False),
+            (*LLAMA_3_8B["qkv"], "int4"): Config(block_n=128, block_k=64, rows_per_program=128, num_warps=1, compact=False),
+            (*LLAMA_3_8B["o"], "int4"): Config(block_n=128, block_k=64, rows_per_program=128, num_warps=1, compact=False),
+            (*LLAMA_3_8B["gate_up"], "int4"): Config(block_n=256, block_k=32, rows_per_program=128, num_warps=1, compact=False),
+            (*LLAMA_3_8B["down"], "int4"): Config(block_n=256, block_k=32, rows_per_program=256, num_warps=1, compact=False),
             (*LLAMA_3_8B["gate"], "int4"): Config(block_n=256, block_k=16, rows_per_program=512, num_warps=2, compact=False),
+            (*LLAMA_70B["qkv"], "int8"): Config(block_n=256, block_k=32, rows_per_program=1024, num_warps=4, compact=True),
+            (*LLAMA_70B["o"], "int8"): Config(block_n=128, block_k=64, rows_per_program=1024, num_warps=4, compact=True),
+            (*LLAMA_70B["gate_up"], "int8"): Config(block_n=512, block_k=16, rows_per_program=1024, num_warps=4, compact=True),
+            (*LLAMA_70B["down"], "int8"): Config(block_n=512, block_k=16, rows_per_program=1024, num_warps=4, compact=True),
+            (*LLAMA_70B["gate"], "int8"): Config(block_n=512, block_k=16, rows_per_program=1024, num_warps=4, compact=True),
         }),
 }
 
