@@ -208,7 +208,8 @@ def arg_parser():
     p.add_argument("--persistent", action="store_true",
                    help="experimental: run each sparse decode step's layers as one persistent kernel (where it can run; else it says why)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (on CUDA: one CUDA graph a step); compiling takes a while, once")
+                   help="torch.compile the decode step (on CUDA: one CUDA graph a step; on the CPU it slows the sparse step, "
+                        "README, Benchmarks, CPU); compiling takes a while, once")
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling")
     return p
 

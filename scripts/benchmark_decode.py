@@ -25,8 +25,11 @@ persistent decode kernel (every layer of a step in one launch), and their fixed 
 On the CPU (--device cpu) the step is eager (the sparse projections are the C++ kernel,
 sparse_kernels/cpu.py; the dense row is torch's own matmuls), and the ceiling is a 256 MiB copy's
 bandwidth on the same threads; the machine, its threads and load average are in the results.
+--interleave times the variants in turn instead, a run each in each of --runs rounds: on a shared
+machine the load drifts between rows timed one after another, less within a round.
 
     python -m scripts.benchmark_decode --device cpu --checkpoint ~/.cache/teal/smollm2-135m-instruct --dtype fp32 --sparsities 0.25,0.4,0.5
+    python -m scripts.benchmark_decode --device cpu --checkpoint ~/.cache/teal/smollm2-135m-instruct --dtype fp32 --sparsities 0.4,0.5 --runs 3 --interleave
     python -m scripts.benchmark_decode --device cpu --model tiny --dtype fp32 --runs 3
 
 Under torchrun (tp.py) each rank holds its shard (the random model's weights drawn per shard, its
@@ -151,15 +154,51 @@ def profile_decode(model, decode, sparse, prompt, steps, device):
                 top_kernels=[dict(name=e.key[:120], us_per_step=us(e) / steps, calls_per_step=e.count / steps) for e in top])
 
 
+def use_sparsity(model, table, sparsity, method):
+    """The thresholds of a model-wide sparsity (0: all zero, the kernels dense)."""
+    model.set_thresholds(table.at(sparsity, method) if sparsity > 0 else torch.zeros(model.config.n_layer, len(PROJECTIONS)))
+
+
 def run_variant(model, decode, label, sparse, sparsity, table, prompt, args, bandwidth, read=None):
     """Time one variant -> its row. sparse with sparsity 0: the sparse kernels at threshold 0.
     read: the bytes a step reads where the model cannot say (a dense baseline's modules)."""
-    model.set_thresholds(table.at(sparsity, args.method) if sparsity > 0 else torch.zeros(model.config.n_layer, len(PROJECTIONS)))
+    use_sparsity(model, table, sparsity, args.method)
     t0 = time.perf_counter()
     generate.generate(model, prompt, args.new_tokens, decode, sparse)  # compile and warm up
     generate.sync(args.device)
     warmup_s = time.perf_counter() - t0
     rates = time_decode(model, decode, sparse, prompt, args.new_tokens, args.runs, args.device)
+    return variant_row(model, decode, label, sparse, sparsity, rates, warmup_s, prompt, args, bandwidth, read)
+
+
+def run_interleaved(model, decode, variants, table, prompt, args, bandwidth):
+    """--interleave: every variant warmed up, then --runs rounds that time each once, in turn ->
+    their rows, each with the median of its rounds' ratios to the first variant (ratio_to_first)
+    and the load average after each round: on a shared machine the load drifts between rows timed
+    one after another, less within one round."""
+    warmup_s = []
+    for _, sparse, s in variants:
+        use_sparsity(model, table, s, args.method)
+        t0 = time.perf_counter()
+        generate.generate(model, prompt, args.new_tokens, decode, sparse)
+        generate.sync(args.device)
+        warmup_s.append(time.perf_counter() - t0)
+    rates, loads = [[] for _ in variants], []
+    for _ in tqdm(range(args.runs), desc="interleaved rounds", unit="round"):
+        for i, (_, sparse, s) in enumerate(variants):
+            use_sparsity(model, table, s, args.method)
+            rates[i] += time_decode(model, decode, sparse, prompt, args.new_tokens, 1, args.device)
+        loads.append(os.getloadavg()[0])
+    rows = []
+    for (label, sparse, s), r, w in zip(variants, rates, warmup_s):
+        use_sparsity(model, table, s, args.method)
+        row = variant_row(model, decode, label, sparse, s, r, w, prompt, args, bandwidth)
+        rows.append(dict(row, ratio_to_first=statistics.median(a / b for a, b in zip(r, rates[0])), load_average_rounds=loads))
+    return rows
+
+
+def variant_row(model, decode, label, sparse, sparsity, rates, warmup_s, prompt, args, bandwidth, read=None):
+    """A timed variant's row: its rates, the sparsity measured while decoding, bytes, ceiling."""
     measured = measure_sparsity(model, prompt, args.new_tokens) if sparsity > 0 else torch.zeros(model.config.n_layer, len(PROJECTIONS))
     tok_s = statistics.median(rates)
     read = read or generate.bytes_per_token(model, measured)
@@ -194,7 +233,10 @@ def markdown(result):
     cpu = (f" {result['cpu']}, {result['threads']} threads, load average {result['load_average_before'][0]:.2f} before,"
            f" {result.get('load_average_after', [0])[0]:.2f} after; ceiling: a copy's {result['copy_bandwidth_GBps']:.1f} GB/s."
            if "cpu" in result else "")
-    lines = [f"Ratios against {first['variant']} in the same run."
+    rounds = (f" Interleaved: {len(first['tok_s_runs'])} rounds timing each row once in turn, ratios the median of the"
+              f" rounds' (load average after each: {', '.join(f'{v:.1f}' for v in first['load_average_rounds'])})."
+              if "ratio_to_first" in first else "")
+    lines = [f"Ratios against {first['variant']} in the same run." + rounds
              + (f" {world} ranks (tensor parallel); GB/s and the ceiling are one GPU's." if ar else "") + cpu, "",
              "| variant | target | measured sparsity | tok/s | ms/token |" + (" all-reduce us/step |" if ar else "")
              + " vs first | GB/s read | of ceiling |",
@@ -203,7 +245,7 @@ def markdown(result):
         ceiling = f"{r['fraction_of_ceiling']:.0%}" if "fraction_of_ceiling" in r else "-"
         reduce = f" {r['all_reduce_us_per_step']:.0f} |" if ar else ""
         lines.append(f"| {r['variant']} | {r['target_sparsity']:.2f} | {r['measured_sparsity']:.3f} | {r['tok_s']:.1f} | "
-                     f"{r['ms_per_token']:.2f} |{reduce} {r['tok_s'] / first['tok_s']:.2f}x | {r['effective_GBps']:.0f} | {ceiling} |")
+                     f"{r['ms_per_token']:.2f} |{reduce} {r.get('ratio_to_first', r['tok_s'] / first['tok_s']):.2f}x | {r['effective_GBps']:.0f} | {ceiling} |")
     if result.get("fixed_costs"):
         lines += ["", "| variant | fixed cost a projection (us) | fitted GB/s |", "|---|---|---|"]
         lines += [f"| {f} | {c['fixed_us_per_projection']:.2f} | {c['fitted_GBps'] or 0:.0f} |" for f, c in result["fixed_costs"].items()]
@@ -263,6 +305,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--interleave", action="store_true",
+                   help="time the variants in turn, --runs rounds of one run each; ratios: the median of the rounds' (for a shared machine)")
     p.add_argument("--calibration-windows", type=int, default=8)
     p.add_argument("--calibration-length", type=int, default=128)
     p.add_argument("--profile-steps", type=int, default=20, help="CUDA only: decode steps under torch.profiler per variant (0: none)")
@@ -313,8 +357,12 @@ def run_format(model, label, table, prompt, args, bandwidth, result, stem):
     variants = [(f"{label} t=0 (sparse kernels)", True, 0.0)] + [(f"{label} sparse {s:g}", True, s) for s in args.sparsities]
     if fmt not in ("int8", "int4"):
         variants.insert(0, (f"{label} dense (torch)", False, 0.0))
-    for name, sparse, s in tqdm(variants, desc=label, unit="variant"):
-        row = run_variant(model, decode, name, sparse, s, table, prompt, args, bandwidth)
+    if args.interleave:
+        rows = run_interleaved(model, decode, variants, table, prompt, args, bandwidth)
+    else:
+        rows = (run_variant(model, decode, name, sparse, s, table, prompt, args, bandwidth)
+                for name, sparse, s in tqdm(variants, desc=label, unit="variant"))
+    for row, (_, sparse, _) in zip(rows, variants):
         row.update(format=label, kind="kernel" if sparse else "dense")
         result["rows"].append(row)
         kernel_rows += [row] if sparse else []

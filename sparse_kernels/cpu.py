@@ -81,3 +81,10 @@ def sparse_gemv(x, data, thresholds, splits, norm_weight=None, norm_eps=0.0, swi
     out = torch.empty(x.shape[0], data.shape[1], dtype=x.dtype)
     torch.ops.teal_cpu.sparse_gemv(x, data, thresholds, splits, norm_weight, rstd, gate, residual, scales, kept, out)
     return out
+
+
+def dense_linear(x, weight):
+    """x [M, in] @ weight.T, weight [out, in] in x's dtype (fp32, bf16, fp16), both contiguous -> [M, out]."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
+    torch.ops.teal_cpu.dense_linear(x, weight, out)
+    return out

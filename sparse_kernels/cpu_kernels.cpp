@@ -202,6 +202,52 @@ void gemv(const X* x, int64_t M, int64_t xk, const T* W, int64_t K, int64_t N, c
   });
 }
 
+// The dense product with a weight stored [out, in] (torch's Linear layout: the tied lm_head, read
+// in place): out[m, n] = x[m] . W[n], 2 x V fp32 lanes summed over in, then across the lanes.
+// The output rows are cut into one contiguous range a thread; W's rows stream front to back.
+template <typename X>
+void linear(const X* x, int64_t M, const X* W, int64_t K, int64_t N, X* out) {
+  std::vector<float> xf(M * K);
+  for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(x[i]);
+  const int64_t kv = K / (2 * V) * (2 * V);
+  at::parallel_for(0, N, std::max<int64_t>(1, MIN_WORK / (K * M)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const X* w = W + n * K;
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = xf.data() + m * K;
+        vf a0 = {}, a1 = {};  // two chains: the adds' latency hidden behind each other
+        for (int64_t k = 0; k < kv; k += 2 * V) {
+          a0 = a0 + load(xm + k) * load(w + k);
+          a1 = a1 + load(xm + k + V) * load(w + k + V);
+        }
+        a0 = a0 + a1;
+        float y = 0.0f;
+        for (int64_t j = 0; j < V; ++j) y += a0[j];
+        for (int64_t k = kv; k < K; ++k) y += xm[k] * load1(w + k);
+        out[m * N + n] = static_cast<X>(y);
+      }
+    }
+  });
+}
+
+// out[M, N] = x @ weight.T: weight [N, K] in x's dtype (fp32, bf16, fp16), contiguous tensors.
+void dense_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out) {
+  const int64_t M = x.size(0), K = weight.size(1), N = weight.size(0);
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == K, "x [M, in], weight [out, in]");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == N, "out [M, out]");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && out.is_contiguous(), "contiguous x, weight, out");
+  TORCH_CHECK(weight.dtype() == x.dtype() && out.dtype() == x.dtype(), "weight and out in x's dtype");
+  TORCH_CHECK(!x.is_cuda() && !weight.is_cuda(), "CPU tensors");
+  switch (x.scalar_type()) {
+    case at::kFloat: linear(x.data_ptr<float>(), M, weight.data_ptr<float>(), K, N, out.data_ptr<float>()); break;
+    case at::kBFloat16:
+      linear(x.data_ptr<c10::BFloat16>(), M, weight.data_ptr<c10::BFloat16>(), K, N, out.data_ptr<c10::BFloat16>());
+      break;
+    case at::kHalf: linear(x.data_ptr<c10::Half>(), M, weight.data_ptr<c10::Half>(), K, N, out.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "x must be fp32, bf16 or fp16, got ", x.scalar_type());
+  }
+}
+
 // out[M, N] = [residual +] (input * (|input| > t_s)) @ data[:, segment s]: input = x, RMSNorm(x) *
 // norm_weight given rstd [M] (fp32), or gate * up with x = [. | up] and gate [M, K] = silu of x's
 // first half; kept[s] += inputs of s kept. data: fp32/bf16/fp16 [K, N] in x's dtype, or int8 with
@@ -258,4 +304,6 @@ TORCH_LIBRARY(teal_cpu, m) {
   m.def("sparse_gemv(Tensor x, Tensor data, Tensor thresholds, int[] splits, Tensor? norm_weight, Tensor? rstd, Tensor? gate, "
         "Tensor? residual, Tensor? scales, Tensor(a!)? kept, Tensor(b!) out) -> ()");
   m.impl("sparse_gemv", c10::DispatchKey::CPU, TORCH_FN(sparse_gemv));
+  m.def("dense_linear(Tensor x, Tensor weight, Tensor(a!) out) -> ()");
+  m.impl("dense_linear", c10::DispatchKey::CPU, TORCH_FN(dense_linear));
 }

@@ -92,6 +92,36 @@ def _sparse_linear(x, data, thresholds, splits, norm_weight, norm_eps, swiglu, r
     return y.reshape(*x.shape[:-1], N)
 
 
+def _dense_linear(x, weight):
+    x2 = x.reshape(-1, x.shape[-1])
+    if not 0 < x2.shape[0] <= MAX_KERNEL_ROWS or weight.dtype != x.dtype or not runs_cpu_kernel(x, weight, None, None):
+        return torch.nn.functional.linear(x, weight)
+    return cpu.dense_linear(x2.contiguous(), weight.contiguous()).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("teal::dense_linear", mutates_args=())
+def dense_linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _dense_linear(x, weight)
+
+
+@dense_linear_op.register_fake
+def _(x, weight):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def dense_linear(x, weight):
+    """x @ weight.T for a float weight [out, in] in x's dtype: the sparse step's lm_head (dense: it
+    is never thresholded), read in place, so the tied embedding needs no second, packed copy. On
+    plain CPU, up to MAX_KERNEL_ROWS rows, the C++ kernel: MKL's GEMV of this layout reads 10 GB/s
+    on the 2-core machine, the kernel 25 (sparse_kernels/README.md, CPU kernel); elsewhere
+    F.linear. Compiled on the CPU, a custom op around the same dispatch; on a GPU, inductor's mm."""
+    if not torch.compiler.is_compiling():
+        return _dense_linear(x, weight)
+    if x.device.type == "cpu":
+        return dense_linear_op(x, weight)
+    return torch.nn.functional.linear(x, weight)
+
+
 # Two ops, with and without the kept count: inductor cannot lower a mutated argument that may be None.
 @torch.library.custom_op("teal::sparse_linear", mutates_args=())
 def sparse_linear_op(x: torch.Tensor, data: torch.Tensor, thresholds: torch.Tensor, splits: list[int],

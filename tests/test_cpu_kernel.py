@@ -13,6 +13,7 @@ import torch
 import generate
 import thresholds
 from sparse_kernels import cpu, pack_weight, projection_input, sparse_linear
+from sparse_kernels.ops import dense_linear
 from sparse_kernels.reference import count_kept
 from tests.helpers import REPO, SHIPPED
 
@@ -158,6 +159,41 @@ def test_dispatch(monkeypatch):
         x = torch.randn(rows, 32)
         check(sparse_linear(x, pw, 0.5), x, pw.dequantize().float(), 0.5, pw.splits)
         assert len(calls) == expected, (fmt, rows, flag)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,in_f,out_f", [(1, 1, 3), (1, 33, 1), (3, 129, 1000), (16, 576, 97), (2, 1000, 33)])
+def test_dense_linear_matches_float64(dtype, rows, in_f, out_f):
+    """The head's GEMV (weight [out, in], read in place) into a NaN-poisoned out: every entry written,
+    within the dtype's tolerance of float64's x @ W.T."""
+    torch.manual_seed(in_f * out_f + rows)
+    x, W = torch.randn(rows, in_f).to(dtype), torch.randn(out_f, in_f).to(dtype)
+    out = torch.full((rows, out_f), math.nan, dtype=dtype)
+    torch.ops.teal_cpu.dense_linear(x, W, out)
+    ref = x.double() @ W.double().t()
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / (x.double().abs() @ W.double().abs().t()).norm()).item() < TOLERANCE[dtype]
+
+
+def test_dense_linear_dispatch_and_nan(monkeypatch):
+    """Up to 16 rows go to the kernel, more rows and TEAL_CPU_KERNEL=0 to F.linear, with the same
+    values; a NaN in a row of x is in every output of that row, as in torch's product."""
+    calls = []
+    launch_kernel = cpu.dense_linear
+    monkeypatch.setattr(cpu, "dense_linear", lambda *a: calls.append(1) or launch_kernel(*a))
+    W = torch.randn(70, 48)
+    for rows, flag, expected in [(1, "1", 1), (16, "1", 1), (17, "1", 0), (1, "0", 0)]:
+        monkeypatch.setenv("TEAL_CPU_KERNEL", flag)
+        calls.clear()
+        x = torch.randn(1, rows, 48)
+        y = dense_linear(x, W)
+        assert y.shape == (1, rows, 70) and len(calls) == expected, (rows, flag)
+        torch.testing.assert_close(y, x @ W.t(), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("TEAL_CPU_KERNEL", "1")
+    x = torch.randn(2, 48)
+    x[1, 5] = math.nan
+    y = dense_linear(x, W)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
 
 
 def test_greedy_tokens_of_the_bundled_model_equal_the_reference_path(smollm2, monkeypatch):

@@ -87,6 +87,25 @@ def test_benchmark_decode_smoke(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0 and "| int8 sparse 0.5 |" in out.with_suffix(".md").read_text()
 
 
+def test_benchmark_decode_interleaved(tmp_path):
+    """--interleave: a run of each row in each round, the load after each, every row's ratio the
+    median of its rounds' ratios to the first row's (the first's own: 1)."""
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "scripts.benchmark_decode", "--model", "tiny", "--device", "cpu", "--dtype", "fp32",
+                           "--sparsities", "0.5", "--new-tokens", "6", "--runs", "3", "--interleave", "--calibration-windows", "4",
+                           "--calibration-length", "48", "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["fp32 dense (torch)", "fp32 t=0 (sparse kernels)", "fp32 sparse 0.5"]
+    first = rows[0]["tok_s_runs"]
+    for r in rows:
+        assert len(r["tok_s_runs"]) == 3 and len(r["load_average_rounds"]) == 3
+        ratios = sorted(a / b for a, b in zip(r["tok_s_runs"], first))
+        assert r["ratio_to_first"] == ratios[1]
+    assert rows[0]["ratio_to_first"] == 1.0 and rows[2]["measured_sparsity"] > 0.3
+    assert "Interleaved: 3 rounds" in out.with_suffix(".md").read_text()
+
+
 def test_benchmark_decode_int8_head(tmp_path):
     """--lm-head int8: the quantized formats' rows with an int8 head (label -head8) read fewer bytes."""
     rows = {}
