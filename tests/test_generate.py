@@ -113,6 +113,19 @@ def test_compare_shows_dense_then_sparse(checkpoint, capsys):
     assert dense < sparse and "measured sparsity 0.000 (dense)" in err[dense:sparse]
 
 
+def test_compile_on_the_cpu_leaves_the_sparse_step_eager(checkpoint, capsys):
+    """Compiled, the CPU's sparse step is slower than eager (README, CPU): --compile says so, compiles
+    nothing for it, and the same greedy tokens come out."""
+    args = ("--checkpoint", checkpoint, "--sparsity", 0.5, "--temperature", 0, "--prompt", "hello", "--max-new-tokens", 6,
+            "--device", "cpu")
+    code, eager, _ = run(capsys, *args)
+    assert code == 0
+    code, out, err = run(capsys, *args, "--compile")
+    assert code == 0, err
+    assert "the sparse decode step stays eager" in err and "Compiled the decode step" not in err
+    assert out == eager
+
+
 def test_every_flag_says_what_it_does_and_its_default():
     parser = generate.arg_parser()
     text = " ".join(parser.format_help().split())  # unwrapped
