@@ -243,8 +243,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         # Compiled, the CPU's sparse step is slower than eager (its custom op's wrapper costs more
         # than the kernel saves: README, Benchmarks, CPU), so there --compile leaves it eager.
-        cpu_sparse = sparse and not device.startswith("cuda")
-        if cpu_sparse:
+        if sparse and not device.startswith("cuda"):
             print("--compile: on the CPU the sparse decode step stays eager (compiled it is slower)", file=sys.stderr)
         else:
             run.compile(sparse)

@@ -159,14 +159,19 @@ def use_sparsity(model, table, sparsity, method):
     model.set_thresholds(table.at(sparsity, method) if sparsity > 0 else torch.zeros(model.config.n_layer, len(PROJECTIONS)))
 
 
+def warm_up(model, decode, sparse, sparsity, table, prompt, args):
+    """One untimed generation at this sparsity (the compile and the CUDA graph's recording) -> its seconds."""
+    use_sparsity(model, table, sparsity, args.method)
+    t0 = time.perf_counter()
+    generate.generate(model, prompt, args.new_tokens, decode, sparse)
+    generate.sync(args.device)
+    return time.perf_counter() - t0
+
+
 def run_variant(model, decode, label, sparse, sparsity, table, prompt, args, bandwidth, read=None):
     """Time one variant -> its row. sparse with sparsity 0: the sparse kernels at threshold 0.
     read: the bytes a step reads where the model cannot say (a dense baseline's modules)."""
-    use_sparsity(model, table, sparsity, args.method)
-    t0 = time.perf_counter()
-    generate.generate(model, prompt, args.new_tokens, decode, sparse)  # compile and warm up
-    generate.sync(args.device)
-    warmup_s = time.perf_counter() - t0
+    warmup_s = warm_up(model, decode, sparse, sparsity, table, prompt, args)
     rates = time_decode(model, decode, sparse, prompt, args.new_tokens, args.runs, args.device)
     return variant_row(model, decode, label, sparse, sparsity, rates, warmup_s, prompt, args, bandwidth, read)
 
@@ -176,13 +181,7 @@ def run_interleaved(model, decode, variants, table, prompt, args, bandwidth):
     their rows, each with the median of its rounds' ratios to the first variant (ratio_to_first)
     and the load average after each round: on a shared machine the load drifts between rows timed
     one after another, less within one round."""
-    warmup_s = []
-    for _, sparse, s in variants:
-        use_sparsity(model, table, s, args.method)
-        t0 = time.perf_counter()
-        generate.generate(model, prompt, args.new_tokens, decode, sparse)
-        generate.sync(args.device)
-        warmup_s.append(time.perf_counter() - t0)
+    warmup_s = [warm_up(model, decode, sparse, s, table, prompt, args) for _, sparse, s in variants]
     rates, loads = [[] for _ in variants], []
     for _ in tqdm(range(args.runs), desc="interleaved rounds", unit="round"):
         for i, (_, sparse, s) in enumerate(variants):
@@ -372,7 +371,7 @@ def run_format(model, label, table, prompt, args, bandwidth, result, stem):
     if args.persistent and model.use_persistent():
         # The same steps with every layer in one persistent kernel (sparse_kernels.persistent).
         torch._dynamo.reset()  # the step's graph changes: compile afresh
-        decode = generate.decode_one_token if args.no_compile else generate.compile_decode()
+        decode = generate.decode_one_token if eager else generate.compile_decode()
         rows = []
         for name, s in tqdm([(f"{label} persistent t=0", 0.0)] + [(f"{label} persistent {s:g}", s) for s in args.sparsities],
                             desc=f"{label} persistent", unit="variant"):
