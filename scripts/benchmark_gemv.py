@@ -36,20 +36,25 @@ MODELS = {"llama-2-7b": LLAMA_2_7B, "llama-3-8b": LLAMA_3_8B, "llama-70b": LLAMA
 FORMATS = {"bf16": ("bf16", None), "fp16": ("fp16", None), "int8": ("int8", None),
            "int4-g32": ("int4", 32), "int4-g64": ("int4", 64), "int4-g128": ("int4", 128)}
 SPARSITIES = [0.0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.9]
-CONFIG = re.compile(r"^(\d+)x(\d+)r(\d+)w(\d+)(c?)$")
+CONFIG = re.compile(r"^(\d+)x(\d+)r(\d+)w(\d+)(c?)(?:b(\d+))?$")
 FUSED = [("qkv", 4096, (4096, 1024, 1024), "norm", False), ("o", 4096, (4096,), "none", True),
          ("gate_up", 4096, (14336, 14336), "norm", False), ("down", 14336, (4096,), "swiglu", True)]
 
 
 def parse_config(text):
-    """'128x64r1024w4c' -> Config(128, 64, 1024, 4, compact=True): BLOCK_N x BLOCK_K, rows a program, warps."""
+    """'128x64r1024w4c' -> Config(128, 64, 1024, 4, compact=True): BLOCK_N x BLOCK_K, rows a program,
+    warps; a 'b2' suffix: 2 output blocks a program."""
     m = CONFIG.match(text)
     if m is None:
-        raise UsageError(f"config {text!r} is not BLOCK_NxBLOCK_KrROWSwWARPS[c], e.g. 128x64r1024w4")
+        raise UsageError(f"config {text!r} is not BLOCK_NxBLOCK_KrROWSwWARPS[c][bBLOCKS], e.g. 128x64r1024w4 or 512x16r1024w4cb2")
     block_n, block_k, rows, warps = (int(g) for g in m.groups()[:4])
     if rows % block_k:
         raise UsageError(f"config {text!r}: rows per program must be a multiple of BLOCK_K")
-    return Config(block_n=block_n, block_k=block_k, rows_per_program=rows, num_warps=warps, compact=m.group(5) == "c")
+    blocks = int(m.group(6) or 1)
+    if blocks < 1:
+        raise UsageError(f"config {text!r}: a program takes at least one block")
+    return Config(block_n=block_n, block_k=block_k, rows_per_program=rows, num_warps=warps, compact=m.group(5) == "c",
+                  blocks_per_program=blocks)
 
 
 def parse_shape(text):
@@ -302,7 +307,7 @@ def parse_args(argv=None):
     p.add_argument("--fused", action="store_true", help="time the fused decode forms instead")
     p.add_argument("--eager-host", action="store_true", help="measure the host time of an eager call instead")
     p.add_argument("--shape", help="with --configs: IN:OUT[,OUT2[,OUT3]], one shape")
-    p.add_argument("--configs", nargs="+", help="with --shape: configs BLOCK_NxBLOCK_KrROWSwWARPS[c] to time")
+    p.add_argument("--configs", nargs="+", help="with --shape: configs BLOCK_NxBLOCK_KrROWSwWARPS[c] to time (a bBLOCKS suffix: blocks a program)")
     p.add_argument("--out", help="JSON file (default benchmarks/results/gemv_<gpu>.json, or gemv_<mode>_<gpu>.json)")
     args = p.parse_args(argv)
     if bool(args.shape) != bool(args.configs):

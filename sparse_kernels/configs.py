@@ -3,7 +3,9 @@
 A Config is one launch shape: output blocks of block_n columns; split-K programs of
 rows_per_program input rows each (so split_k = cdiv(K, rows_per_program)), streamed block_k rows a
 tile; num_warps; compact: pack the active channels first (wins from ~50% sparsity on for wide
-blocks, costs 5-20% at 0%), else mask the weight rows of inactive channels in place. One config
+blocks, costs 5-20% at 0%), else mask the weight rows of inactive channels in place;
+blocks_per_program: output blocks a program takes one after another, sharing the work that depends
+only on its rows (for projections whose grid would otherwise be several waves). One config
 serves every sparsity of a shape, so more sparsity only ever removes loads.
 
 TUNED holds, for each GPU by its torch.cuda.get_device_name(), the command that chose its configs
@@ -22,6 +24,7 @@ class Config:
     rows_per_program: int
     num_warps: int
     compact: bool
+    blocks_per_program: int = 1
 
 
 LLAMA_2_7B = {"qkv": (4096, (4096, 4096, 4096)), "o": (4096, (4096,)), "gate_up": (4096, (11008, 11008)),

@@ -6,9 +6,13 @@ the weight rows of its range whose input channel is active, BLOCK_K rows a tile,
 partial of its output block. Two loops, a per-shape choice (Config.compact): "masked" walks the
 range and masks inactive rows (a masked load issues no memory traffic); "compact" first packs the
 active channels' indices into scratch, then streams full tiles of active rows only, so the loads in
-flight do not thin out as sparsity grows. The last of the split_k programs of a block to finish
-sums the partials in split order (deterministic) and writes y in x's dtype: one launch per call,
-no second pass over memory, no atomics on y. For a decode step the same launch can make its input
+flight do not thin out as sparsity grows and the arithmetic shrinks with the bytes (int4: each
+group's active rows padded to whole tiles, a tile in one group). A program may take several
+consecutive blocks (Config.blocks_per_program): what depends only on its rows (the compacted list,
+a prologue's inputs) is then made once for all of them, and a large projection's grid stays one
+wave of resident programs instead of paying that start again each wave. The last of the split_k
+programs of a block to finish sums the partials in split order (deterministic) and writes y in x's
+dtype: one launch per call, no second pass over memory, no atomics on y. For a decode step the same launch can make its input
 (RMSNorm of the residual stream, once per program, before the loop), add a residual to y (the last
 arriver) and count the active channels (one atomic per program of a segment's first block).
 
@@ -21,6 +25,8 @@ tile lies in one). Products and sums are fp32.
 Imported only when a call runs on Triton (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1),
 so that TRITON_INTERPRET is read at first use rather than at `import sparse_kernels`.
 """
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -37,21 +43,28 @@ FLOAT, INT8, INT4 = 0, 1, 2  # WFMT
 
 
 @triton.jit
-def _block_columns(pid_n, N, split1, split2, BLOCK_N: tl.constexpr):
-    """Output block pid_n -> (segment, first column, end column, the segment's first column, the
-    segment's first block).
+def _program_blocks(pid_n, N, split1, split2, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr):
+    """Program pid_n -> (segment, its first output block, the end of its blocks, the segment's first
+    column, the segment's end column, the segment's first block, the blocks of all segments).
 
     Segment s spans columns [c_s, c_s+1) with c = (0, split1, split2, N) and owns
-    cdiv(c_s+1 - c_s, BLOCK_N) blocks, numbered after those of segment s - 1: no block straddles
-    two segments, so each program reads one threshold. Missing segments have zero width.
+    nb_s = cdiv(c_s+1 - c_s, BLOCK_N) blocks, numbered after those of segment s - 1, and
+    cdiv(nb_s, BLOCKS) programs of BLOCKS consecutive blocks (its last one maybe fewer): no block
+    or program straddles two segments, so each program reads one threshold. Missing segments have
+    zero width.
     """
     nb0 = tl.cdiv(split1, BLOCK_N)
-    nb01 = nb0 + tl.cdiv(split2 - split1, BLOCK_N)
-    seg = (pid_n >= nb0).to(tl.int32) + (pid_n >= nb01).to(tl.int32)
+    nb1 = tl.cdiv(split2 - split1, BLOCK_N)
+    nb2 = tl.cdiv(N - split2, BLOCK_N)
+    p0 = tl.cdiv(nb0, BLOCKS)
+    p01 = p0 + tl.cdiv(nb1, BLOCKS)
+    seg = (pid_n >= p0).to(tl.int32) + (pid_n >= p01).to(tl.int32)
     seg_start = tl.where(seg == 0, 0, tl.where(seg == 1, split1, split2))
-    first = tl.where(seg == 0, 0, tl.where(seg == 1, nb0, nb01))
-    end = tl.where(seg == 0, split1, tl.where(seg == 1, split2, N))
-    return seg, seg_start + (pid_n - first) * BLOCK_N, end, seg_start, first
+    seg_end = tl.where(seg == 0, split1, tl.where(seg == 1, split2, N))
+    first = tl.where(seg == 0, 0, tl.where(seg == 1, nb0, nb0 + nb1))
+    block0 = first + (pid_n - tl.where(seg == 0, 0, tl.where(seg == 1, p0, p01))) * BLOCKS
+    block_end = tl.minimum(block0 + BLOCKS, first + tl.cdiv(seg_end - seg_start, BLOCK_N))
+    return seg, block0, block_end, seg_start, seg_end, first, nb0 + nb1 + nb2
 
 
 @triton.jit
@@ -157,6 +170,17 @@ def _int4_group(s_ptr, z_ptr, group, cols4, ok4, N):
 
 
 @triton.jit
+def _tile_group(s_ptr, z_ptr, idx, cols4, ok4, N, WFMT: tl.constexpr, GROUP: tl.constexpr):
+    """int4: _int4_group's constants for a compacted tile's group (its rows idx are that group's,
+    or -1 for padding; a tile of padding only reads group 0's); other formats need none."""
+    if WFMT == 2:
+        a, b = _int4_group(s_ptr, z_ptr, tl.maximum(tl.max(idx, axis=0), 0) // GROUP, cols4, ok4, N)
+    else:
+        a, b = 0.0, 0.0
+    return a, b
+
+
+@triton.jit
 def _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok, N, NW, x, active, w, a, b, acc,
                  WFMT: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, BLOCK_K: tl.constexpr):
     """One step of the masked loop: loads tile k + BLOCK_K's inputs and active rows' weights, then
@@ -215,91 +239,163 @@ def _output(y, res_ptr, offs, ok, y_ptr, HAS_RESIDUAL: tl.constexpr):
 
 @triton.jit
 def _gemv_program(
-    pid_n, pid_k, n_blocks, split_k,
+    pid_n, pid_k, n_programs, split_k,
     x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr, kept_ptr,
     M, K, N, NW, split1, split2, word1, word2, rows_per_split, eps,
     stride_xm, stride_ym, stride_t,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
     COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
     PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
     WFMT: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
 ):
-    """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output block
-    pid_n times the same channels of x's BLOCK_M rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot
-    on the union of the rows' active channels). W: w_ptr, and for int8 its scales s_ptr [N], for
-    int4 its scales s_ptr and zeros z_ptr [K / GROUP, N] (a program's rows are whole groups of GROUP
-    rows); NW: w_ptr's row length (int4: int32 words, segment s starting at word (0, word1, word2)[s];
-    else N).
+    """Program (pid_n, pid_k): rows [pid_k * rows_per_split, +rows_per_split) of W's output blocks
+    (BLOCKS consecutive ones of a segment, _program_blocks) times the same channels of x's BLOCK_M
+    rows (BLOCK_M = 1: FMA on CUDA cores; 16: tl.dot on the union of the rows' active channels).
+    W: w_ptr, and for int8 its scales s_ptr [N], for int4 its scales s_ptr and zeros z_ptr
+    [K / GROUP, N] (a program's rows are whole groups of GROUP rows); NW: w_ptr's row length (int4:
+    int32 words, segment s starting at word (0, word1, word2)[s]; else N).
 
-    BLOCK_M = 1 only: PROLOGUE makes the input from x inside the loads (_load_input), and COUNT
-    adds the number of active channels of each segment into kept_ptr (int64 [n_segments]): the
-    first block of a segment counts them, its split_k programs one range each. Any BLOCK_M:
-    HAS_RESIDUAL returns res + y, y rounded to x's dtype first, as the unfused model adds.
+    What depends on the rows only is made once for all the program's blocks: the compacted list of
+    active channels, or the prologue's inputs. BLOCK_M = 1 only: PROLOGUE makes the input from x
+    (_load_input), and COUNT adds the number of active channels of each segment into kept_ptr
+    (int64 [n_segments]): the program of a segment's first block counts them, its split_k programs
+    one range each. Any BLOCK_M: HAS_RESIDUAL returns res + y, y rounded to x's dtype first, as the
+    unfused model adds.
 
-    Returns whether this program wrote y's block (split_k == 1, or the last arriver): the
-    persistent decode kernel (persistent.py) signals the block done then."""
-    seg, col_start, col_end, seg_start, first_block = _block_columns(pid_n, N, split1, split2, BLOCK_N)
+    Returns whether this program wrote y's last block (split_k == 1, or the last arriver): the
+    persistent decode kernel (persistent.py, BLOCKS = 1) signals the block done then."""
+    seg, block0, block_end, seg_start, seg_end, first_block, n_blocks = _program_blocks(pid_n, N, split1, split2, BLOCK_N, BLOCKS)
     t = tl.load(t_ptr + seg * stride_t)
-    cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    col_ok = cols < col_end
-    # int4: word w of this block holds its columns 8w..8w + 7 (blocks start on a word in a segment).
-    local_words = (col_start - seg_start) // 8 + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N // 8]
-    word_cols = tl.where(seg == 0, 0, tl.where(seg == 1, word1, word2)) + local_words
-    word_ok = local_words < (col_end - seg_start + 7) // 8
-    cols4 = col_start + tl.arange(0, BLOCK_N).reshape(BLOCK_N // 8, 2, 2, 2)  # int4: as its tiles order columns
-    ok4 = cols4 < col_end
-    ms = tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    word0 = tl.where(seg == 0, 0, tl.where(seg == 1, word1, word2))  # int4: the segment's first word
     row_start = pid_k * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, K)
+    scratch = (pid_k * n_programs + pid_n) * rows_per_split  # this program's scratch slots
+    src = x_ptr  # where the loops read x of row r (at src + r)
+    n_slots = 0
+    kept = tl.zeros([], dtype=tl.int32)
 
     if BLOCK_M == 1 and COMPACT:
-        # Not int4 (fit): a compacted tile's rows come from any group, each with its own scales.
-        tl.static_assert(WFMT != 2)
-        # Phase 1: the indices and values of this program's active channels, packed into its own
+        # Phase 1: the indices and values of this program's active channels, packed into its
         # scratch slots (one pass: rows_per_split <= COMPACT_BLOCK), so that phase 2 loads full
-        # tiles whatever the sparsity.
-        scratch = (pid_k * n_blocks + pid_n) * rows_per_split
+        # tiles whatever the sparsity and does work only for active rows.
         rows = row_start + tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
         x = _load_input(x_ptr, g_ptr, rows, rows < row_end, K, eps, PROLOGUE, NORM_BLOCK)
         active = (tl.abs(x) > t) & (rows < row_end)
-        slot = scratch + tl.cumsum(active.to(tl.int32), axis=0) - 1  # [COMPACT_BLOCK]
-        tl.store(index_ptr + slot, rows, mask=active)
-        tl.store(value_ptr + slot, x, mask=active)
-        n_active = tl.sum(active.to(tl.int32), axis=0)
-        kept = n_active
+        kept = tl.sum(active.to(tl.int32), axis=0)
+        if WFMT == 2:
+            # int4: each group's active channels in whole tiles of their own, so that a tile's rows
+            # share one group's constants. Group g (of the program's G) starts at tile first[g];
+            # the slots after its n[g] channels up to its last tile's end are padding (row -1,
+            # value 0). The program spans whole groups, so rows reshape to [G, GROUP].
+            G: tl.constexpr = COMPACT_BLOCK // GROUP
+            on = active.to(tl.int32).reshape(G, GROUP)
+            n = tl.sum(on, axis=1)  # [G]
+            tiles = (n + BLOCK_K - 1) // BLOCK_K  # [G]
+            first = tl.cumsum(tiles, axis=0) - tiles  # [G]
+            slot = scratch + first[:, None] * BLOCK_K + tl.cumsum(on, axis=1) - 1  # [G, GROUP]
+            tl.store(index_ptr + slot, rows.reshape(G, GROUP), mask=on > 0)
+            tl.store(value_ptr + slot, x.reshape(G, GROUP), mask=on > 0)
+            pad = n[:, None] + tl.arange(0, BLOCK_K)[None, :]  # [G, BLOCK_K]: group slots from n[g] on
+            pad_ok = pad < tiles[:, None] * BLOCK_K
+            pad_slot = scratch + first[:, None] * BLOCK_K + pad
+            tl.store(index_ptr + pad_slot, tl.full(pad.shape, -1, tl.int32), mask=pad_ok)
+            tl.store(value_ptr + pad_slot, tl.zeros(pad.shape, tl.float32), mask=pad_ok)
+            n_slots = tl.sum(tiles, axis=0) * BLOCK_K
+        else:
+            slot = scratch + tl.cumsum(active.to(tl.int32), axis=0) - 1  # [COMPACT_BLOCK]
+            tl.store(index_ptr + slot, rows, mask=active)
+            tl.store(value_ptr + slot, x, mask=active)
+            n_slots = kept
         tl.debug_barrier()  # phase 2's threads read slots that other threads wrote
-        # Phase 2: BLOCK_K active rows a tile. Weights run one tile ahead of the sum, indices two,
-        # so a tile's rows are in flight while the previous tile is summed.
+    elif BLOCK_M == 1 and PROLOGUE != 0:
+        # The prologue once for the whole range, into this program's scratch slots: the loop then
+        # loads x as it does with no prologue, nothing more on its chain of loads.
+        rr = tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
+        xr = _load_input(x_ptr, g_ptr, row_start + rr, row_start + rr < row_end, K, eps, PROLOGUE, NORM_BLOCK)
+        tl.store(value_ptr + scratch + rr, xr, mask=rr < rows_per_split)
+        tl.debug_barrier()  # the loop's threads read slots that other threads wrote
+        src = value_ptr + scratch - row_start  # fp32
+
+    if BLOCKS == 1:
+        wrote = _gemv_block(
+            block0, pid_k, split_k, n_blocks, seg, seg_start, seg_end, first_block, word0, t, row_start, row_end,
+            scratch, n_slots, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
+            x_ptr, M, N, NW, stride_xm, stride_ym, BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, DOT_FP32, COMPACT,
+            HAS_RESIDUAL, WFMT, GROUP, ASM)
+    else:
+        wrote = split_k < 0  # a runtime False, of the type the blocks' answers have
+        for block in range(block0, block_end):
+            wrote = _gemv_block(
+                block, pid_k, split_k, n_blocks, seg, seg_start, seg_end, first_block, word0, t, row_start, row_end,
+                scratch, n_slots, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
+                x_ptr, M, N, NW, stride_xm, stride_ym, BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, DOT_FP32, COMPACT,
+                HAS_RESIDUAL, WFMT, GROUP, ASM)
+    if BLOCK_M == 1 and COUNT:
+        if block0 == first_block:
+            if not COMPACT:
+                # After the loop, so that it stays the plain kernel's: under register_cap, a counter
+                # there would take the tiles' registers.
+                for r0 in range(row_start, row_end, COMPACT_BLOCK):
+                    rr = r0 + tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
+                    xr = tl.load(src + rr, mask=rr < row_end, other=0.0).to(tl.float32)
+                    kept += tl.sum(((tl.abs(xr) > t) & (rr < row_end)).to(tl.int32), axis=0)
+            tl.atomic_add(kept_ptr + seg, kept.to(tl.int64))
+    return wrote
+
+
+@triton.jit
+def _gemv_block(
+    block, pid_k, split_k, n_blocks, seg, seg_start, seg_end, first_block, word0, t, row_start, row_end,
+    scratch, n_slots, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
+    x_ptr, M, N, NW, stride_xm, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_SPLITS: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, COMPACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    WFMT: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
+):
+    """_gemv_program's output block `block` (of n_blocks, in segment seg): its rows' product (the
+    compacted list at scratch, n_slots long; or x at src, BLOCK_M = 1; or x_ptr's rows), then y's
+    block, directly (split_k == 1) or through the partials, summed by the last of its split_k
+    programs to arrive. -> whether this program wrote y's block."""
+    col_start = seg_start + (block - first_block) * BLOCK_N
+    cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    col_ok = cols < seg_end
+    # int4: word w of this block holds its columns 8w..8w + 7 (blocks start on a word in a segment).
+    local_words = (col_start - seg_start) // 8 + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N // 8]
+    word_cols = word0 + local_words
+    word_ok = local_words < (seg_end - seg_start + 7) // 8
+    cols4 = col_start + tl.arange(0, BLOCK_N).reshape(BLOCK_N // 8, 2, 2, 2)  # int4: as its tiles order columns
+    ok4 = cols4 < seg_end
+    ms = tl.arange(0, BLOCK_M)  # [BLOCK_M]
+
+    if BLOCK_M == 1 and COMPACT:
+        # Phase 2: BLOCK_K slots a tile. Weights (and int4's group constants) run one tile ahead
+        # of the sum, indices two, so a tile's rows are in flight while the previous tile is summed.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
-        idx = tl.load(index_ptr + scratch + ks, mask=ks < n_active, other=0)
-        val = tl.load(value_ptr + scratch + ks, mask=ks < n_active, other=0.0)
-        w = _load_weights(w_ptr, idx, cols, word_cols, ks < n_active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
+        idx = tl.load(index_ptr + scratch + ks, mask=ks < n_slots, other=-1)
+        val = tl.load(value_ptr + scratch + ks, mask=ks < n_slots, other=0.0)
+        w = _load_weights(w_ptr, idx, cols, word_cols, idx >= 0, col_ok, word_ok, N, NW, WFMT, EVEN_N)
+        a, b = _tile_group(s_ptr, z_ptr, idx, cols4, ok4, N, WFMT, GROUP)
         nk = BLOCK_K + ks
-        idx_next = tl.load(index_ptr + scratch + nk, mask=nk < n_active, other=0)
-        val_next = tl.load(value_ptr + scratch + nk, mask=nk < n_active, other=0.0)
-        for j in range(0, n_active, BLOCK_K):
+        idx_next = tl.load(index_ptr + scratch + nk, mask=nk < n_slots, other=-1)
+        val_next = tl.load(value_ptr + scratch + nk, mask=nk < n_slots, other=0.0)
+        for j in range(0, n_slots, BLOCK_K):
             nk = j + BLOCK_K + ks  # [BLOCK_K] slots of the next tile
-            w_next = _load_weights(w_ptr, idx_next, cols, word_cols, nk < n_active, col_ok, word_ok, N, NW, WFMT, EVEN_N)
+            w_next = _load_weights(w_ptr, idx_next, cols, word_cols, idx_next >= 0, col_ok, word_ok, N, NW, WFMT, EVEN_N)
+            a_next, b_next = _tile_group(s_ptr, z_ptr, idx_next, cols4, ok4, N, WFMT, GROUP)
             nnk = nk + BLOCK_K
-            idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_active, other=0)
-            val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_active, other=0.0)
-            acc += _times_rows(val, _dequantize(w, 0.0, 0.0, WFMT, ASM))
-            w, val, idx_next, val_next = w_next, val_next, idx_after, val_after
-        part = tl.sum(acc, axis=0)[None, :]  # [1, BLOCK_N]: once a program
+            idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_slots, other=-1)
+            val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_slots, other=0.0)
+            if WFMT == 2:
+                # sum x (q - zero) scale = a * sum x (1 + q / 16) + b * sum x, a tile at a time.
+                sums = tl.sum(val[:, None, None, None, None] * _nibbles(w, ASM), axis=0)
+                acc += a * sums + b * tl.sum(val, axis=0)
+            else:
+                acc += _times_rows(val, _dequantize(w, 0.0, 0.0, WFMT, ASM))
+            w, a, b, val, idx_next, val_next = w_next, a_next, b_next, val_next, idx_after, val_after
+        part = _acc_sum(acc, BLOCK_N, WFMT)  # [1, BLOCK_N]: once a block
     elif BLOCK_M == 1:
-        if PROLOGUE != 0:
-            # The prologue once for the whole range, into this program's scratch slots: the loop
-            # then loads x as it does with no prologue, nothing more on its chain of loads.
-            scratch = (pid_k * n_blocks + pid_n) * rows_per_split
-            rr = tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
-            xr = _load_input(x_ptr, g_ptr, row_start + rr, row_start + rr < row_end, K, eps, PROLOGUE, NORM_BLOCK)
-            tl.store(value_ptr + scratch + rr, xr, mask=rr < rows_per_split)
-            tl.debug_barrier()  # the loop's threads read slots that other threads wrote
-            src = value_ptr + scratch - row_start  # x of row r at src + r, fp32
-        else:
-            src = x_ptr
         # Weights run one tile ahead of the sum: a tile's active rows are in flight while the
         # previous tile is summed.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
@@ -327,16 +423,7 @@ def _gemv_program(
             for k in range(row_start, row_end, BLOCK_K):
                 x, active, w, acc = _masked_tile(src, w_ptr, k, ks, row_end, t, cols, word_cols, col_ok, word_ok,
                                                  N, NW, x, active, w, 0.0, 0.0, acc, WFMT, EVEN_N, ASM, BLOCK_K)
-        part = _acc_sum(acc, BLOCK_N, WFMT)  # [1, BLOCK_N]: once a program
-        if COUNT:
-            kept = tl.zeros([], dtype=tl.int32)
-            if pid_n == first_block:
-                # After the loop and in the counting programs only, so the loop stays the plain
-                # kernel's: under register_cap, a counter there would take the tiles' registers.
-                for r0 in range(row_start, row_end, COMPACT_BLOCK):
-                    rr = r0 + tl.arange(0, COMPACT_BLOCK)  # [COMPACT_BLOCK]
-                    xr = tl.load(src + rr, mask=rr < row_end, other=0.0).to(tl.float32)
-                    kept += tl.sum(((tl.abs(xr) > t) & (rr < row_end)).to(tl.int32), axis=0)
+        part = _acc_sum(acc, BLOCK_N, WFMT)  # [1, BLOCK_N]: once a block
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(row_start, row_end, BLOCK_K):
@@ -362,9 +449,6 @@ def _gemv_program(
 
     if WFMT == 1:
         part *= tl.load(s_ptr + cols, mask=col_ok, other=0.0)[None, :]  # int8: the column's scale, once
-    if BLOCK_M == 1 and COUNT:
-        if pid_n == first_block:
-            tl.atomic_add(kept_ptr + seg, kept.to(tl.int64))
     out_offs = ms[:, None] * stride_ym + cols[None, :]  # [BLOCK_M, BLOCK_N]
     out_ok = (ms < M)[:, None] & col_ok[None, :]
     if split_k == 1:
@@ -373,24 +457,24 @@ def _gemv_program(
     else:
         # Partials: [split_k, n_blocks, BLOCK_M * BLOCK_N] fp32, one dense tile per program.
         tile = ms[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BLOCK_M, BLOCK_N]
-        tl.store(partial_ptr + (pid_k * n_blocks + pid_n) * (BLOCK_M * BLOCK_N) + tile, part)
+        tl.store(partial_ptr + (pid_k * n_blocks + block) * (BLOCK_M * BLOCK_N) + tile, part)
         # All threads' partial stores happen before the counter moves (barrier, then release);
         # the program that sees split_k - 1 acquires every other program's partial.
         tl.debug_barrier()
-        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        arrived = tl.atomic_add(count_ptr + block, 1, sem="acq_rel", scope="gpu")
         wrote = arrived == split_k - 1
         if wrote:
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for r in range(0, split_k, REDUCE_SPLITS):
                 rs = r + tl.arange(0, REDUCE_SPLITS)  # [REDUCE_SPLITS]: the splits summed together
-                base = (rs * n_blocks + pid_n) * (BLOCK_M * BLOCK_N)
+                base = (rs * n_blocks + block) * (BLOCK_M * BLOCK_N)
                 # .cg: read at L2, where the other SMs' partials are, never a stale L1 line.
                 parts = tl.load(partial_ptr + base[:, None, None] + tile[None, :, :],
                                 mask=(rs < split_k)[:, None, None], other=0.0,
                                 cache_modifier=".cg")  # [REDUCE_SPLITS, BLOCK_M, BLOCK_N]
                 total += tl.sum(parts, axis=0)
             tl.store(y_ptr + out_offs, _output(total, res_ptr, out_offs, out_ok, y_ptr, HAS_RESIDUAL), mask=out_ok)
-            tl.store(count_ptr + pid_n, 0)  # reset for the next call and for CUDA-graph replays
+            tl.store(count_ptr + block, 0)  # reset for the next call and for CUDA-graph replays
     return wrote
 
 
@@ -399,18 +483,18 @@ def sparse_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr, kept_ptr,
     M, K, N, NW, split1, split2, word1, word2, rows_per_split, eps,
     stride_xm, stride_ym, stride_t,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
     REDUCE_SPLITS: tl.constexpr, EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr,
     COMPACT: tl.constexpr, COMPACT_BLOCK: tl.constexpr,
     PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COUNT: tl.constexpr,
     WFMT: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
 ):
-    """Program (pid_n, pid_k) of the grid (output blocks, split-K ranges): _gemv_program."""
+    """Program (pid_n, pid_k) of the grid (programs of BLOCKS output blocks, split-K ranges): _gemv_program."""
     _gemv_program(tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1),
                   x_ptr, w_ptr, s_ptr, z_ptr, t_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr, res_ptr,
                   kept_ptr, M, K, N, NW, split1, split2, word1, word2, rows_per_split, eps, stride_xm, stride_ym, stride_t,
-                  BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, DOT_FP32, COMPACT, COMPACT_BLOCK, PROLOGUE, NORM_BLOCK,
-                  HAS_RESIDUAL, COUNT, WFMT, GROUP, ASM)
+                  BLOCK_M, BLOCK_K, BLOCK_N, BLOCKS, REDUCE_SPLITS, EVEN_N, DOT_FP32, COMPACT, COMPACT_BLOCK, PROLOGUE,
+                  NORM_BLOCK, HAS_RESIDUAL, COUNT, WFMT, GROUP, ASM)
 
 
 N_POINTERS = sum(name.endswith("_ptr") for name in sparse_gemv_kernel.arg_names)
@@ -443,12 +527,11 @@ def weight_format(data, scales, zeros, group_size):
 def fit(cfg, wfmt, group, K):
     """A config as the weight format takes it. int4: programs of whole groups (rows_per_program a
     multiple of the group) and tiles within one (block_k <= group), so that a tile's rows share
-    their per-column constants, loaded once a group; the masked loop only, since a compacted
-    tile's rows could come from any group."""
+    their per-column constants (the compact loop pads each group's active rows to whole tiles)."""
     if wfmt != INT4:
         return cfg
     rows = max(group, cfg.rows_per_program // group * group)
-    return Config(cfg.block_n, min(cfg.block_k, group), rows, cfg.num_warps, False)
+    return dataclasses.replace(cfg, block_k=min(cfg.block_k, group), rows_per_program=rows)
 
 
 _plans = {}  # (everything a launch depends on but the tensors' values) -> Plan
@@ -474,12 +557,15 @@ class Plan:
         if block_m > 1:
             # Fewer, longer splits: the reduction reads 16 rows of partials per split.
             rows = max(rows, triton.cdiv(triton.cdiv(K, 8), cfg.block_k) * cfg.block_k)
-            rows = fit(Config(cfg.block_n, cfg.block_k, rows, cfg.num_warps, cfg.compact), wfmt, group, K).rows_per_program
+            rows = fit(dataclasses.replace(cfg, rows_per_program=rows), wfmt, group, K).rows_per_program
         if prologue:
             rows = min(rows, COMPACT_BLOCK)  # the prologue runs over a program's rows in one pass
         self.rows = rows
         split_k = triton.cdiv(K, rows)
         n_blocks = sum(triton.cdiv(w, cfg.block_n) for w in splits)
+        # A program takes `blocks` consecutive blocks of a segment (_program_blocks).
+        blocks = cfg.blocks_per_program
+        n_programs = sum(triton.cdiv(triton.cdiv(w, cfg.block_n), blocks) for w in splits)
         bounds = [sum(splits[:i]) for i in range(1, MAX_SEGMENTS)] + [N] * (MAX_SEGMENTS - len(splits))
         starts, total_bytes = segment_bytes(splits)
         word_bounds = [b // 4 for b in starts[1:]] + [total_bytes // 4] * (MAX_SEGMENTS - len(splits))
@@ -491,12 +577,12 @@ class Plan:
         slots = n_blocks * (K + COMPACT_BLOCK) if block_m == 1 else 1
         self.sizes = dict(partials=split_k * n_blocks * block_m * cfg.block_n, counters=n_blocks, index=slots, value=slots)
         self.buffers, self.generation = workspace.get(x.device, **self.sizes), workspace.generation
-        self.grid = (n_blocks, split_k, 1)  # three long: a compiled kernel's launch takes no shorter grid
+        self.grid = (n_programs, split_k, 1)  # three long: a compiled kernel's launch takes no shorter grid
         fused = prologue or residual is not None or kept is not None
         # The plain form keeps the registers its config was tuned with (the compact loop needs ~200).
-        cap = register_cap(n_blocks * split_k, cfg.num_warps, sm_count(x.device)) if x.device.type == "cuda" and fused and not compact else None
+        cap = register_cap(n_programs * split_k, cfg.num_warps, sm_count(x.device)) if x.device.type == "cuda" and fused and not compact else None
         self.meta = dict(
-            BLOCK_M=block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+            BLOCK_M=block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCKS=blocks,
             REDUCE_SPLITS=max(1, 16 // block_m), EVEN_N=all(w % cfg.block_n == 0 for w in splits),
             # fp32 weights need fp32 products; the interpreter's tl.dot cannot multiply bf16 (numpy has none).
             DOT_FP32=data.dtype == torch.float32 or x.device.type == "cpu",

@@ -108,7 +108,7 @@ def _gemv_task(
         i % n_blocks, i // n_blocks, n_blocks, split_k, x_ptr, _at(w_ptr, row, W_SLOT), _at(s_ptr, row, W_SLOT + 1),
         _at(z_ptr, row, W_SLOT + 2), _at(t_ptr, row, W_SLOT + 3), y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, g_ptr,
         res_ptr, _at(kept_ptr, row, KEPT_SLOT), 1, K, N, NW, split1, split2, word1, word2, rows_per_split, eps, 0, 0, 1,
-        1, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, False, False, COMPACT_BLOCK, PROLOGUE, NORM_BLOCK, HAS_RESIDUAL, COUNT,
+        1, BLOCK_K, BLOCK_N, 1, REDUCE_SPLITS, EVEN_N, False, False, COMPACT_BLOCK, PROLOGUE, NORM_BLOCK, HAS_RESIDUAL, COUNT,
         WFMT, GROUP, ASM)
 
 

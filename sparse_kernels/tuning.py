@@ -1,5 +1,7 @@
 """Timing and tuning of the sparse GEMV on a GPU, apart from the kernel: what the benchmarks and
 `python -m scripts.benchmark_gemv --tune` use. Nothing here runs in a decode step."""
+import dataclasses
+
 import torch
 import triton
 
@@ -19,8 +21,17 @@ INT4_TILES = [(128, 64, 1), (256, 32, 1), (128, 32, 1), (64, 64, 1), (128, 128, 
               (256, 32, 2), (512, 32, 4), (128, 16, 1)]
 CANDIDATES = [Config(block_n=n, block_k=k, rows_per_program=r, num_warps=w, compact=c)
               for n, k, w in TILES for r in ROWS_PER_PROGRAM for c in (True, False)]
-INT4_CANDIDATES = CANDIDATES + [Config(block_n=n, block_k=k, rows_per_program=r, num_warps=w, compact=c)
-                                for n, k, w in INT4_TILES for r in ROWS_PER_PROGRAM for c in (True, False)]
+# int4's compact loop from 256 rows on: a shorter program's list of active rows has too few whole
+# tiles of a group to save any.
+INT4_CANDIDATES = [c for c in CANDIDATES + [Config(block_n=n, block_k=k, rows_per_program=r, num_warps=w, compact=cp)
+                                            for n, k, w in INT4_TILES for r in ROWS_PER_PROGRAM for cp in (True, False)]
+                   if not (c.compact and c.rows_per_program < 256)]
+# Programs of several output blocks, for the long projections (70B's): the compact loop's list made
+# once for 2 or 4 blocks, and a grid of fewer, longer programs.
+CANDIDATES += [dataclasses.replace(c, blocks_per_program=b) for c in CANDIDATES if c.compact and c.rows_per_program == 1024
+               for b in (2, 4)]
+INT4_CANDIDATES += [dataclasses.replace(c, blocks_per_program=b) for c in INT4_CANDIDATES
+                    if c.compact and c.rows_per_program == 1024 and c.blocks_per_program == 1 for b in (2, 4)]
 tune_log = []  # every (key, config, microseconds) tune() measured, for the benchmark's record
 
 

@@ -66,14 +66,14 @@ FORMS = {  # name -> (rows of x, splits, sparse_gemv keywords of the form)
 }
 
 
-def gemv_variant(fmt, form, compact):
+def gemv_variant(fmt, form, compact, blocks=1):
     M, splits, kw = FORMS[form]
     K, N = 128, sum(splits)
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
     pw = pack_weight(torch.randn(N, K), fmt, splits=splits, group_size=FORMATS[fmt], dtype=dtype)
     data, scales, zeros, group = pw.kernel_tensors()
     x = torch.randn(M, 2 * K if kw.get("swiglu") else K, dtype=dtype)
-    config = gemv.Config(block_n=32, block_k=16, rows_per_program=64, num_warps=4, compact=compact)
+    config = gemv.Config(block_n=32, block_k=16, rows_per_program=64, num_warps=4, compact=compact, blocks_per_program=blocks)
     plan, args, _ = gemv.gemv_call(
         x, data, torch.zeros(len(splits)), splits, config=config, swiglu=kw.get("swiglu", False),
         norm_weight=torch.ones(K, dtype=dtype) if kw.get("norm") else None, eps=1e-5,
@@ -122,6 +122,9 @@ def variants():
     """name -> a function compiling that variant."""
     out = {f"gemv-{fmt}-{form}-{'compact' if compact else 'masked'}": (gemv_variant, (fmt, form, compact))
            for fmt in FORMATS for form in FORMS for compact in (False, True) if not (compact and FORMS[form][0] > 1)}
+    # Programs of several blocks: the loop over them around either inner loop, the fused one-row form.
+    out.update({f"gemv-{fmt}-norm_count-{'compact' if compact else 'masked'}-blocks2": (gemv_variant, (fmt, "norm_count", compact, 2))
+                for fmt in FORMATS for compact in (False, True)})
     out.update({f"attention-{TYPES[dtype]}": (attention_variant, (dtype,)) for dtype in (torch.bfloat16, torch.float32)})
     out.update({f"persistent-{fmt}{'-count' if count else ''}": (persistent_variant, (fmt, count))
                 for fmt in FORMATS for count in (False, True)})

@@ -7,6 +7,7 @@ import pytest
 
 from generate import UsageError
 from scripts.benchmark_gemv import parse_args, parse_config, parse_shape
+from sparse_kernels.configs import Config
 from tests.helpers import REPO
 
 
@@ -14,6 +15,10 @@ def test_config_syntax():
     cfg = parse_config("128x64r1024w4c")
     assert (cfg.block_n, cfg.block_k, cfg.rows_per_program, cfg.num_warps, cfg.compact) == (128, 64, 1024, 4, True)
     assert parse_config("1024x16r512w8").compact is False
+    assert parse_config("1024x16r512w8").blocks_per_program == 1
+    assert parse_config("512x16r1024w4cb2") == Config(512, 16, 1024, 4, True, 2)
+    with pytest.raises(UsageError, match="at least one block"):
+        parse_config("512x16r1024w4cb0")
     with pytest.raises(UsageError, match="multiple of BLOCK_K"):
         parse_config("128x64r100w4")
     with pytest.raises(UsageError, match="is not BLOCK_N"):

@@ -176,6 +176,32 @@ def test_fused_decode_matches_float64(gemv, fmt, prologue, in_f, splits):
     assert torch.equal(y2.view(1, -1), y)
 
 
+# Explicit configs the tuner may choose: programs of several blocks (each loop), int4's compact loop.
+CONFIGS = [Config(512, 16, 1024, 4, True, 2), Config(256, 32, 1024, 4, True, 4), Config(128, 64, 512, 4, False, 3),
+           Config(256, 32, 1024, 1, True), Config(128, 16, 256, 1, True)]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4-g32", "int4-g128"])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("name,prologue", [("qkv", "norm"), ("down", "swiglu")])
+def test_tuner_configs_match_float64(gemv, fmt, config, name, prologue):
+    """The fused decode form at the 8B shapes through each of CONFIGS, as the previous test."""
+    in_f, splits = LLAMA_3_8B[name]
+    x, kwargs, W, t, res = fused_case("bf16", in_f, splits, prologue, device=CUDA)
+    pw, Wk = packed(fmt, W.float(), splits)
+    xin = kernel_input(x, kwargs, kernel_rounding(x.dtype, x.device))
+    kept = torch.zeros(len(splits), dtype=torch.int64, device=CUDA)
+    poison_workspace(gemv, CUDA)
+    out = torch.full((1, sum(splits)), math.nan, dtype=x.dtype, device=CUDA)
+    y = launch(x, pw, t, config, out=out, residual=res, kept=kept, norm_weight=kwargs.get("norm_weight"),
+               eps=kwargs.get("norm_eps", 0.0), swiglu=kwargs.get("swiglu", False))
+    ref = res.double() + reference(xin, Wk, t, splits)
+    assert torch.isfinite(y).all()
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < TOLERANCE["bf16"], err
+    assert torch.equal(kept, count_kept(xin, t))
+
+
 GRAPH_FORMATS = ["bf16", "int8", "int4-g64"]
 
 

@@ -15,6 +15,7 @@ VARIANTS = [f"gemv-{fmt}-{form}-{loop}" for fmt in ("bf16", "fp32", "int8", "int
             for form in ("plain", "qkv", "norm_count", "swiglu_residual", "rows")
             for loop in ("masked", "compact") if not (form == "rows" and loop == "compact")] + ["attention-bf16", "attention-fp32"]
 VARIANTS += [f"persistent-{fmt}{count}" for fmt in ("bf16", "fp32", "int8", "int4") for count in ("", "-count")]
+VARIANTS += [f"gemv-{fmt}-norm_count-{loop}-blocks2" for fmt in ("bf16", "fp32", "int8", "int4") for loop in ("masked", "compact")]
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,18 @@ def check(y, x, W, t, splits, fmt):
         assert err < TOLERANCE[fmt], err
 
 
+KINDS = ["zero", "median", "q90", "inf", "negative"]
+
+
+def lead_kind_cases(leads, n_weights):
+    """-> [(leading shape, threshold kinds)]: every kind on every lead for small weights; for large
+    ones (seconds a launch in the interpreter) the kinds dealt out over the leads in turn, so each
+    lead and each kind is still met, and the small shapes cross them all."""
+    if n_weights <= 100_000:
+        return [(lead, KINDS) for lead in leads]
+    return [(lead, KINDS[i::len(leads)]) for i, lead in enumerate(leads)]
+
+
 @pytest.fixture(params=["masked", "compact"])
 def loop(request, triton_interpreter, monkeypatch):
     """Run a test once with each of the kernel's two loops."""
@@ -82,9 +94,9 @@ def poison_workspace(gemv, device="cpu"):
 def test_matches_float64(loop, in_f, out_f, fmt):
     W = torch.randn(out_f, in_f).to(DTYPES[fmt])
     pw = pack_weight(W, fmt)
-    for lead in [(), (1,), (1, 1), (3, 5)]:
+    for lead, kinds in lead_kind_cases([(), (1,), (1, 1), (3, 5)], in_f * out_f):
         x = torch.randn(*lead, in_f).to(DTYPES[fmt])
-        for kind in ["zero", "median", "q90", "inf", "negative"]:
+        for kind in kinds:
             t = threshold(x, kind)
             poison_workspace(loop)
             y = sparse_linear(x, pw, torch.tensor(t))
@@ -112,11 +124,13 @@ def test_segments(loop, in_f, splits, rows, fmt):
 
 
 @pytest.mark.parametrize("config", [None, (16, 16, 16, 4, True), (32, 16, 48, 4, True), (64, 32, 1024, 4, True),
-                                    (128, 16, 32, 8, True), (32, 16, 48, 4, False), (64, 32, 1024, 4, False)])
+                                    (128, 16, 32, 8, True), (32, 16, 48, 4, False), (64, 32, 1024, 4, False),
+                                    (16, 16, 48, 4, True, 3), (16, 16, 48, 4, False, 2)])
 @pytest.mark.parametrize("rows", [1, 5])
 def test_every_output_written(triton_interpreter, config, rows):
     """Block sizes that do and do not divide the segments, one split or several (the last one
-    short): outputs and partials start as NaN, so an element nobody wrote fails."""
+    short), programs of one block or several: outputs and partials start as NaN, so an element
+    nobody wrote fails."""
     gemv = triton_interpreter
     splits, in_f = (64, 32, 32), 100
     W = torch.randn(sum(splits), in_f, dtype=torch.bfloat16)
@@ -395,9 +409,9 @@ def quantized(fmt, W, splits, dtype):
 @pytest.mark.parametrize("in_f,out_f", [(1, 3), (3, 1), (129, 333), (333, 129), (1000, 129)])
 def test_quantized_matches_float64(loop, in_f, out_f, fmt, dtype):
     pw, Wq = quantized(fmt, torch.randn(out_f, in_f), (out_f,), DTYPES[dtype])
-    for lead in [(), (1,), (1, 1), (2, 3)]:
+    for lead, kinds in lead_kind_cases([(), (1,), (1, 1), (2, 3)], in_f * out_f):
         x = torch.randn(*lead, in_f).to(DTYPES[dtype])
-        for kind in ["zero", "median", "q90", "inf", "negative"]:
+        for kind in kinds:
             t = threshold(x, kind)
             poison_workspace(loop)
             y = sparse_linear(x, pw, torch.tensor(t))
@@ -468,3 +482,36 @@ def test_quantized_weights_need_their_scales(triton_interpreter):
         gemv.sparse_gemv(x, data, t, (8,), scales=scales[:1], zeros=zeros[:1], group_size=group)
     with pytest.raises(ValueError, match="int8 weights need"):
         gemv.sparse_gemv(x, pack_weight(torch.randn(8, 64), "int8").data, t, (8,))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", *QUANTIZED])
+@pytest.mark.parametrize("config", [(16, 16, 64, 4, True, 2), (32, 16, 128, 4, True, 3), (16, 16, 1024, 4, True, 4),
+                                    (16, 16, 64, 4, False, 2), (32, 32, 1024, 4, False, 3)])
+def test_programs_of_several_blocks(triton_interpreter, fmt, config):
+    """A program taking 2-4 consecutive blocks of a segment (the last program of a segment fewer),
+    each loop, every format (int4: groups of tiles, the compact loop's padded ones, a last partial
+    group): the fused one-row form (norm, residual, kept) and several rows, against float64; the
+    outputs, partials and scratch poisoned, the split counters reset."""
+    gemv = triton_interpreter
+    in_f, splits = 257, (100, 31, 31)
+    cfg = gemv.Config(*config)
+    x, kwargs, W, t, res = fused_case("bf16", in_f, splits, "norm")
+    pw, Wq = (pack_weight(W, "bf16", splits), W) if fmt == "bf16" else quantized(fmt, W.float(), splits, torch.bfloat16)
+    data, scales, zeros, group = pw.kernel_tensors()
+    xin = kernel_input(x, kwargs, kernel_rounding(x.dtype, x.device))
+    kept = torch.zeros(len(splits), dtype=torch.int64)
+    poison_workspace(gemv)
+    out = torch.full((1, sum(splits)), math.nan, dtype=x.dtype)
+    y = gemv.sparse_gemv(x, data, t, splits, cfg, out=out, residual=res, kept=kept, norm_weight=kwargs["norm_weight"],
+                         eps=kwargs["norm_eps"], scales=scales, zeros=zeros, group_size=group)
+    ref = res.double() + reference(xin, Wq, t, splits)
+    assert torch.isfinite(y).all()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert torch.equal(kept, count_kept(xin, t)), "each segment counted once"
+    xs = torch.randn(5, in_f).to(torch.bfloat16)
+    poison_workspace(gemv)
+    out = torch.full((5, sum(splits)), math.nan, dtype=xs.dtype)
+    y = gemv.sparse_gemv(xs, data, t, splits, cfg, out=out, scales=scales, zeros=zeros, group_size=group)
+    check(y, xs, Wq, t, splits, "bf16")
+    (counters,) = gemv.workspace.get(torch.device("cpu"), counters=1)
+    assert (counters == 0).all(), "the last program of each block resets its counter"
