@@ -347,7 +347,8 @@ def save(stem, result):
 
 def run_format(model, label, table, prompt, args, bandwidth, result, stem):
     """Dense baseline first (plain torch: the model's matmuls for bf16), then the sparse kernels at
-    t = 0 and every sparsity; each row saved as it comes."""
+    t = 0 and every sparsity, then (int8, int4) the dense quantized baseline, last because it
+    replaces the model's weights in place; each row saved as it comes."""
     fmt = model.projections()[0].weight.fmt
     eager = args.no_compile or not args.device.startswith("cuda")  # the CPU's step: eager (README, Benchmarks)
     decode = generate.decode_one_token if eager else generate.compile_decode()
