@@ -170,14 +170,21 @@ def _int4_group(s_ptr, z_ptr, group, cols4, ok4, N):
 
 
 @triton.jit
-def _tile_group(s_ptr, z_ptr, idx, cols4, ok4, N, WFMT: tl.constexpr, GROUP: tl.constexpr):
-    """int4: _int4_group's constants for a compacted tile's group (its rows idx are that group's,
-    or -1 for padding; a tile of padding only reads group 0's); other formats need none."""
+def _compact_tile(w_ptr, index_ptr, value_ptr, scratch, j, ks, n_slots, cols, word_cols, col_ok, word_ok, N, NW,
+                  w, val, idx_next, val_next, acc, WFMT: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+    """One step of the compact loop at slots j: loads the weights of the next tile's rows (idx_next)
+    and the indices and values of the one after, then adds tile j's products (w, val) into acc
+    (int4: sums of x (1 + q / 16), the caller applies the group's constants; else _acc_zeros' tile)."""
+    nk = j + BLOCK_K + ks  # [BLOCK_K] slots of the next tile
+    w_next = _load_weights(w_ptr, idx_next, cols, word_cols, idx_next >= 0, col_ok, word_ok, N, NW, WFMT, EVEN_N)
+    idx_after = tl.load(index_ptr + scratch + nk + BLOCK_K, mask=nk + BLOCK_K < n_slots, other=-1)
+    val_after = tl.load(value_ptr + scratch + nk + BLOCK_K, mask=nk + BLOCK_K < n_slots, other=0.0)
     if WFMT == 2:
-        a, b = _int4_group(s_ptr, z_ptr, tl.maximum(tl.max(idx, axis=0), 0) // GROUP, cols4, ok4, N)
+        acc += tl.sum(val[:, None, None, None, None] * _nibbles(w, ASM), axis=0)
     else:
-        a, b = 0.0, 0.0
-    return a, b
+        acc += _times_rows(val, _dequantize(w, 0.0, 0.0, WFMT, ASM))
+    return w_next, val_next, idx_after, val_after, acc
 
 
 @triton.jit
@@ -273,6 +280,7 @@ def _gemv_program(
     scratch = (pid_k * n_programs + pid_n) * rows_per_split  # this program's scratch slots
     src = x_ptr  # where the loops read x of row r (at src + r)
     n_slots = 0
+    group_tiles = 0  # int4's compact loop: each group's tiles of active rows
     kept = tl.zeros([], dtype=tl.int32)
 
     if BLOCK_M == 1 and COMPACT:
@@ -302,6 +310,7 @@ def _gemv_program(
             tl.store(index_ptr + pad_slot, tl.full(pad.shape, -1, tl.int32), mask=pad_ok)
             tl.store(value_ptr + pad_slot, tl.zeros(pad.shape, tl.float32), mask=pad_ok)
             n_slots = tl.sum(tiles, axis=0) * BLOCK_K
+            group_tiles = tiles
         else:
             slot = scratch + tl.cumsum(active.to(tl.int32), axis=0) - 1  # [COMPACT_BLOCK]
             tl.store(index_ptr + slot, rows, mask=active)
@@ -320,7 +329,7 @@ def _gemv_program(
     if BLOCKS == 1:
         wrote = _gemv_block(
             block0, pid_k, split_k, n_blocks, seg, seg_start, seg_end, first_block, word0, t, row_start, row_end,
-            scratch, n_slots, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
+            scratch, n_slots, group_tiles, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
             x_ptr, M, N, NW, stride_xm, stride_ym, BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, DOT_FP32, COMPACT,
             HAS_RESIDUAL, WFMT, GROUP, ASM)
     else:
@@ -328,7 +337,7 @@ def _gemv_program(
         for block in range(block0, block_end):
             wrote = _gemv_block(
                 block, pid_k, split_k, n_blocks, seg, seg_start, seg_end, first_block, word0, t, row_start, row_end,
-                scratch, n_slots, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
+                scratch, n_slots, group_tiles, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
                 x_ptr, M, N, NW, stride_xm, stride_ym, BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, DOT_FP32, COMPACT,
                 HAS_RESIDUAL, WFMT, GROUP, ASM)
     if BLOCK_M == 1 and COUNT:
@@ -347,14 +356,14 @@ def _gemv_program(
 @triton.jit
 def _gemv_block(
     block, pid_k, split_k, n_blocks, seg, seg_start, seg_end, first_block, word0, t, row_start, row_end,
-    scratch, n_slots, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
+    scratch, n_slots, group_tiles, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
     x_ptr, M, N, NW, stride_xm, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_SPLITS: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, COMPACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     WFMT: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
 ):
     """_gemv_program's output block `block` (of n_blocks, in segment seg): its rows' product (the
-    compacted list at scratch, n_slots long; or x at src, BLOCK_M = 1; or x_ptr's rows), then y's
+    compacted list at scratch, n_slots long, int4's in group_tiles tiles a group; or x at src, BLOCK_M = 1; or x_ptr's rows), then y's
     block, directly (split_k == 1) or through the partials, summed by the last of its split_k
     programs to arrive. -> whether this program wrote y's block."""
     col_start = seg_start + (block - first_block) * BLOCK_N
@@ -369,31 +378,39 @@ def _gemv_block(
     ms = tl.arange(0, BLOCK_M)  # [BLOCK_M]
 
     if BLOCK_M == 1 and COMPACT:
-        # Phase 2: BLOCK_K slots a tile. Weights (and int4's group constants) run one tile ahead
-        # of the sum, indices two, so a tile's rows are in flight while the previous tile is summed.
+        # Phase 2: BLOCK_K slots a tile. Weights run one tile ahead of the sum, indices two, so a
+        # tile's rows are in flight while the previous tile is summed.
         ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         acc = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
         idx = tl.load(index_ptr + scratch + ks, mask=ks < n_slots, other=-1)
         val = tl.load(value_ptr + scratch + ks, mask=ks < n_slots, other=0.0)
         w = _load_weights(w_ptr, idx, cols, word_cols, idx >= 0, col_ok, word_ok, N, NW, WFMT, EVEN_N)
-        a, b = _tile_group(s_ptr, z_ptr, idx, cols4, ok4, N, WFMT, GROUP)
         nk = BLOCK_K + ks
         idx_next = tl.load(index_ptr + scratch + nk, mask=nk < n_slots, other=-1)
         val_next = tl.load(value_ptr + scratch + nk, mask=nk < n_slots, other=0.0)
-        for j in range(0, n_slots, BLOCK_K):
-            nk = j + BLOCK_K + ks  # [BLOCK_K] slots of the next tile
-            w_next = _load_weights(w_ptr, idx_next, cols, word_cols, idx_next >= 0, col_ok, word_ok, N, NW, WFMT, EVEN_N)
-            a_next, b_next = _tile_group(s_ptr, z_ptr, idx_next, cols4, ok4, N, WFMT, GROUP)
-            nnk = nk + BLOCK_K
-            idx_after = tl.load(index_ptr + scratch + nnk, mask=nnk < n_slots, other=-1)
-            val_after = tl.load(value_ptr + scratch + nnk, mask=nnk < n_slots, other=0.0)
-            if WFMT == 2:
-                # sum x (q - zero) scale = a * sum x (1 + q / 16) + b * sum x, a tile at a time.
-                sums = tl.sum(val[:, None, None, None, None] * _nibbles(w, ASM), axis=0)
-                acc += a * sums + b * tl.sum(val, axis=0)
-            else:
-                acc += _times_rows(val, _dequantize(w, 0.0, 0.0, WFMT, ASM))
-            w, a, b, val, idx_next, val_next = w_next, a_next, b_next, val_next, idx_after, val_after
+        if WFMT == 2:
+            # int4, as the masked loop: group g's tiles (group_tiles[g] of them, after those of the
+            # groups before it) summed to sum x (1 + q / 16) and sum x, then its constants applied
+            # once. The prefetch runs on across groups.
+            gids = tl.arange(0, group_tiles.shape[0])  # the program's groups
+            group_first = tl.cumsum(group_tiles, axis=0) - group_tiles
+            for g in range(0, tl.cdiv(row_end - row_start, GROUP)):
+                first = tl.sum(tl.where(gids == g, group_first, 0), axis=0)
+                end = first + tl.sum(tl.where(gids == g, group_tiles, 0), axis=0)
+                sums = _acc_zeros(BLOCK_K, BLOCK_N, WFMT)
+                xsum = tl.zeros([BLOCK_K], dtype=tl.float32)
+                for j in range(first * BLOCK_K, end * BLOCK_K, BLOCK_K):
+                    xsum += val
+                    w, val, idx_next, val_next, sums = _compact_tile(
+                        w_ptr, index_ptr, value_ptr, scratch, j, ks, n_slots, cols, word_cols, col_ok, word_ok, N, NW,
+                        w, val, idx_next, val_next, sums, WFMT, EVEN_N, ASM, BLOCK_K)
+                a, b = _int4_group(s_ptr, z_ptr, row_start // GROUP + g, cols4, ok4, N)
+                acc += a * sums + b * tl.sum(xsum, axis=0)
+        else:
+            for j in range(0, n_slots, BLOCK_K):
+                w, val, idx_next, val_next, acc = _compact_tile(
+                    w_ptr, index_ptr, value_ptr, scratch, j, ks, n_slots, cols, word_cols, col_ok, word_ok, N, NW,
+                    w, val, idx_next, val_next, acc, WFMT, EVEN_N, ASM, BLOCK_K)
         part = _acc_sum(acc, BLOCK_N, WFMT)  # [1, BLOCK_N]: once a block
     elif BLOCK_M == 1:
         # Weights run one tile ahead of the sum: a tile's active rows are in flight while the
