@@ -326,20 +326,22 @@ def _gemv_program(
         tl.debug_barrier()  # the loop's threads read slots that other threads wrote
         src = value_ptr + scratch - row_start  # fp32
 
+    # One block: called straight, so that the tuned one-block kernels (and the persistent step's
+    # tasks) compile as before, with no loop around their block.
     if BLOCKS == 1:
         wrote = _gemv_block(
             block0, pid_k, split_k, n_blocks, seg, seg_start, seg_end, first_block, word0, t, row_start, row_end,
-            scratch, n_slots, group_tiles, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
-            x_ptr, M, N, NW, stride_xm, stride_ym, BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, DOT_FP32, COMPACT,
-            HAS_RESIDUAL, WFMT, GROUP, ASM)
+            scratch, n_slots, group_tiles, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr,
+            value_ptr, res_ptr, x_ptr, M, N, NW, stride_xm, stride_ym, BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N,
+            DOT_FP32, COMPACT, HAS_RESIDUAL, WFMT, GROUP, ASM)
     else:
         wrote = split_k < 0  # a runtime False, of the type the blocks' answers have
         for block in range(block0, block_end):
             wrote = _gemv_block(
                 block, pid_k, split_k, n_blocks, seg, seg_start, seg_end, first_block, word0, t, row_start, row_end,
-                scratch, n_slots, group_tiles, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
-                x_ptr, M, N, NW, stride_xm, stride_ym, BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS, EVEN_N, DOT_FP32, COMPACT,
-                HAS_RESIDUAL, WFMT, GROUP, ASM)
+                scratch, n_slots, group_tiles, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr,
+                value_ptr, res_ptr, x_ptr, M, N, NW, stride_xm, stride_ym, BLOCK_M, BLOCK_K, BLOCK_N, REDUCE_SPLITS,
+                EVEN_N, DOT_FP32, COMPACT, HAS_RESIDUAL, WFMT, GROUP, ASM)
     if BLOCK_M == 1 and COUNT:
         if block0 == first_block:
             if not COMPACT:
@@ -356,16 +358,16 @@ def _gemv_program(
 @triton.jit
 def _gemv_block(
     block, pid_k, split_k, n_blocks, seg, seg_start, seg_end, first_block, word0, t, row_start, row_end,
-    scratch, n_slots, group_tiles, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr, res_ptr,
-    x_ptr, M, N, NW, stride_xm, stride_ym,
+    scratch, n_slots, group_tiles, src, w_ptr, s_ptr, z_ptr, y_ptr, partial_ptr, count_ptr, index_ptr, value_ptr,
+    res_ptr, x_ptr, M, N, NW, stride_xm, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_SPLITS: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_FP32: tl.constexpr, COMPACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     WFMT: tl.constexpr, GROUP: tl.constexpr, ASM: tl.constexpr,
 ):
     """_gemv_program's output block `block` (of n_blocks, in segment seg): its rows' product (the
-    compacted list at scratch, n_slots long, int4's in group_tiles tiles a group; or x at src, BLOCK_M = 1; or x_ptr's rows), then y's
-    block, directly (split_k == 1) or through the partials, summed by the last of its split_k
-    programs to arrive. -> whether this program wrote y's block."""
+    compacted list at scratch, n_slots long, int4's in group_tiles tiles a group; or x at src,
+    BLOCK_M = 1; or x_ptr's rows), then y's block, directly (split_k == 1) or through the partials,
+    summed by the last of its split_k programs to arrive. -> whether this program wrote y's block."""
     col_start = seg_start + (block - first_block) * BLOCK_N
     cols = col_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     col_ok = cols < seg_end
