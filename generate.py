@@ -388,15 +388,18 @@ ERRORS = (UsageError, CheckpointError, TokenizerError, thresholds.ThresholdsErro
 
 def cli(main, argv=None, errors=()):
     """Run main(argv) as a command: a known error (ERRORS, or errors) ends in one `error:` line and
-    exit code 1, Ctrl-C in one line and exit code 130; what main finished is its own to keep."""
+    exit code 1, Ctrl-C in one line and exit code 130; what main finished is its own to keep.
+    Under torchrun each rank ends through tp.end."""
+    code = 0
     try:
         main(argv)
     except ERRORS + tuple(errors) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
     except (KeyboardInterrupt, EOFError):
         print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        code = 130
+    tp.end(code)
 
 
 if __name__ == "__main__":

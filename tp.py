@@ -73,6 +73,22 @@ def leave():
         dist.destroy_process_group()
 
 
+def end(code):
+    """End the command with exit code code. A rank of a torchrun launch runs the exit handlers
+    (leave among them) and then exits without the interpreter's finalization: once a functional
+    collective has used a group, torch keeps it alive past destroy_process_group, so gloo's worker
+    threads live on, and one that drops a finished all-reduce's tensors after finalization began
+    needs the GIL it can no longer take and aborts the process (SIGABRT, "terminate called without
+    an active exception"; seen on loaded 2-core machines). Every file is closed by then."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
+
+
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
